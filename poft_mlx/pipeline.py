@@ -1,0 +1,175 @@
+"""What each command does, as library functions: score, train, eval.
+
+The CLI parses arguments and calls these; they take a Config and return results.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from . import device
+from .config import Config, save_config
+from .data import fingerprint, read_jsonl
+from .losses import OBJECTIVES
+from .references import ResidentReference, open_aligned, reference_scores, score_all
+from .render import Renderer, fit_length
+from .trainer import Dataset
+
+
+def log(msg: str) -> None:
+    import mlx.core as mx
+
+    if mx.distributed.init().rank() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Prepared:
+    samples: list
+    encodings: list
+    report: dict
+
+
+def prepare(path: str, renderer: Renderer, cfg: Config) -> Prepared:
+    """Read, check, and fit every record to max_seq_length with the target's template."""
+    samples, encodings = [], []
+    counts = {"records": 0, "ok": 0, "truncated": 0, "dropped": 0, "dropped_records": []}
+    for s in read_jsonl(path):
+        counts["records"] += 1
+        fitted, enc, status = fit_length(s, renderer, cfg.data.max_seq_length, cfg.data.overlength)
+        counts[status] += 1
+        if fitted is None:
+            counts["dropped_records"].append(s.source)
+            continue
+        if enc.n_target == 0:
+            raise ValueError(f"{s.source}: no supervised token after rendering with the target's template")
+        samples.append(fitted)
+        encodings.append(enc)
+    if not samples:
+        raise ValueError(f"{path}: every record was dropped (max_seq_length={cfg.data.max_seq_length})")
+    log(f"{path}: {counts['records']} records, {counts['truncated']} truncated, {counts['dropped']} dropped "
+        f"(max_seq_length {cfg.data.max_seq_length}, policy {cfg.data.overlength})")
+    return Prepared(samples, encodings, counts)
+
+
+def target_renderer(tokenizer, cfg: Config) -> Renderer:
+    return Renderer(tokenizer, chat_template=cfg.chat_template, span=cfg.data.span,
+                    template_kwargs=cfg.data.template_kwargs, label=f"target {cfg.model}")
+
+
+def _require(cfg: Config, *, aligned: bool) -> None:
+    if not cfg.model:
+        raise ValueError("no target model: set `model` in the config or --set model=...")
+    if not cfg.data.train:
+        raise ValueError("no training data: set data.train in the config or --set data.train=FILE")
+    if aligned and not cfg.aligned:
+        raise ValueError("objective poft needs at least one aligned model (config key `aligned`)")
+
+
+def run_score(cfg: Config, files: list[str] | None = None) -> dict:
+    """Score the training (and validation) data with every aligned model; cached."""
+    import mlx.core as mx
+    from mlx_lm.utils import load_tokenizer
+
+    from .modeling import resolve
+
+    _require(cfg, aligned=True)
+    tok = load_tokenizer(resolve(cfg.model))
+    renderer = target_renderer(tok, cfg)
+    files = files or [f for f in (cfg.data.train, cfg.data.valid) if f]
+    out = {}
+    group = mx.distributed.init()
+    for f in files:
+        prep = prepare(f, renderer, cfg)
+        handles = score_all(cfg, prep.samples, group=group, log=log)
+        r_ref, per_model = reference_scores(handles, prep.samples)
+        out[f] = {"samples": len(prep.samples), "r_ref_mean": float(np.mean(r_ref)),
+                  **{f"r[{k}]": float(np.mean(v)) for k, v in per_model.items()}}
+    return out
+
+
+def _dataset(prep: Prepared, cfg: Config, need_ref: bool) -> Dataset:
+    r_ref = np.full(len(prep.samples), np.nan, np.float32)
+    if need_ref:
+        if cfg.score.on_missing == "score":
+            handles = score_all(cfg, prep.samples, log=log)
+        else:
+            handles = [open_aligned(cfg, a) for a in cfg.aligned]
+        r_ref = reference_scores(handles, prep.samples)[0].astype(np.float32)
+    return Dataset(prep.samples, prep.encodings, r_ref)
+
+
+def run_train(cfg: Config, *, resume: bool = False) -> Path:
+    """Score (cached mode), then train; returns the run folder."""
+    import mlx.core as mx
+
+    from . import modeling
+    from .trainer import build_optimizer, train
+
+    _require(cfg, aligned=cfg.objective == "poft")
+    if cfg.objective == "dpo":
+        from .dpo import run_dpo
+        return run_dpo(cfg, resume=resume)
+    run_dir = Path(cfg.run_dir)
+    group = mx.distributed.init()
+    if not resume and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+        raise FileExistsError(f"{run_dir} already holds a run; resume it with --resume {run_dir} "
+                              "or choose another run_dir")
+    device.set_memory_limits(cfg.system.memory_limit_gb, cfg.system.cache_limit_gb)
+    if group.rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "data_fingerprint.txt").write_text(fingerprint(cfg.data.train) + "\n")
+    mx.random.seed(cfg.train.seed)
+    loaded = modeling.load(cfg.model, dtype=cfg.system.dtype, trust_remote_code=cfg.trust_remote_code)
+    renderer = target_renderer(loaded.tokenizer, cfg)
+    train_prep = prepare(cfg.data.train, renderer, cfg)
+    val_prep = prepare(cfg.data.valid, renderer, cfg) if cfg.data.valid else None
+    if group.rank() == 0:
+        report = {"train": train_prep.report, "valid": val_prep.report if val_prep else None}
+        (run_dir / "data_report.json").write_text(json.dumps(report, indent=1))
+    resident = cfg.reference_mode == "resident" and bool(cfg.aligned)
+    need_ref = bool(cfg.aligned) and not resident
+    train_data = _dataset(train_prep, cfg, need_ref)
+    val_data = _dataset(val_prep, cfg, bool(cfg.aligned)) if val_prep else None
+    reference = ResidentReference(cfg) if resident else None
+    adapter_config = {"model": str(loaded.path), **modeling.apply_adapters(loaded.model, cfg.adapter)}
+    adapter_config["poft_mlx"] = {"target": cfg.model, "objective": cfg.objective}
+    n_groups = len(train_data.batches(cfg.train.batch_size, group.size()))
+    total = cfg.train.iters or max((cfg.train.epochs or 1) * n_groups // cfg.train.grad_accumulation_steps, 1)
+    optimizer = build_optimizer(cfg.train, total)
+    objective_fn = partial(OBJECTIVES[cfg.objective], beta=cfg.beta, gamma=cfg.gamma)
+    log(f"training {cfg.model} with {cfg.objective} for {total} steps -> {run_dir}")
+    train(loaded.model, optimizer, train_data, val_data, objective_fn, args=cfg.train,
+          objective=cfg.objective, run_dir=run_dir, adapter_config=adapter_config, resume=resume,
+          reference=reference, log=log, clear_cache_threshold=cfg.system.clear_cache_threshold_gb)
+    return run_dir
+
+
+def run_eval(cfg: Config, data: str, adapter_path: str | None) -> dict:
+    """CE, perplexity, PoFT loss, tau and win rate on `data` for a model (+ adapters)."""
+    from functools import partial as _p
+
+    from mlx_lm.tuner.utils import load_adapters
+
+    from . import modeling
+    from .trainer import evaluate
+
+    loaded = modeling.load(cfg.model, dtype=cfg.system.dtype, trust_remote_code=cfg.trust_remote_code)
+    if adapter_path:
+        load_adapters(loaded.model, adapter_path)
+    renderer = target_renderer(loaded.tokenizer, cfg)
+    prep = prepare(data, renderer, cfg)
+    ds = _dataset(prep, cfg, bool(cfg.aligned))
+    objective = "poft" if cfg.aligned else "sft"
+    fn = _p(OBJECTIVES[objective], beta=cfg.beta, gamma=cfg.gamma)
+    m = evaluate(loaded.model, ds, fn, objective, batch_size=cfg.score.batch_size)
+    if objective == "sft":
+        m["loss"] = m.get("ce")
+    return m

@@ -1,0 +1,183 @@
+"""Render conversations with a model's own chat template and mark the supervised span.
+
+The span is every assistant turn (or only the last), each turn's content plus the
+end-of-turn token that closes it (so the model learns to stop). It is found in
+characters from prefix renderings of the conversation, then mapped to tokens through
+the tokenizer's offsets, so it is the same text span for every model and template.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .data import Sample
+
+BUILTIN_TEMPLATES = ("gemma", "chatml")
+
+
+class TemplateError(ValueError):
+    pass
+
+
+def resolve_template(spec: str | None) -> str | None:
+    """A builtin name (gemma, chatml), a path to a .jinja file, or Jinja text itself."""
+    if spec is None:
+        return None
+    if spec in BUILTIN_TEMPLATES:
+        return resources.files("poft_mlx").joinpath(f"templates/{spec}.jinja").read_text()
+    if "{{" in spec or "{%" in spec:
+        return spec
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path.read_text()
+    raise TemplateError(
+        f"chat_template {spec!r}: not a builtin ({', '.join(BUILTIN_TEMPLATES)}), "
+        "not an existing file, and not Jinja text"
+    )
+
+
+@dataclass
+class Encoded:
+    tokens: np.ndarray  # int32 [L]
+    mask: np.ndarray  # bool [L]: True where the token is supervised (a prediction target)
+
+    @property
+    def n_target(self) -> int:
+        return int(self.mask.sum())
+
+
+@dataclass
+class Turn:
+    """Where one supervised assistant turn's content sits in the rendered text."""
+
+    index: int  # message index
+    content_start: int  # char offset of the (stripped) content in the full text
+    content_end: int
+    turn_end: int  # end of the rendering of this message
+
+
+class Renderer:
+    """Encodes samples for one tokenizer + template; see the module docstring."""
+
+    def __init__(self, tokenizer, *, chat_template: str | None = None, span: str = "all",
+                 template_kwargs: dict | None = None, label: str = "model"):
+        self.tok = getattr(tokenizer, "_tokenizer", tokenizer)  # unwrap mlx-lm's wrapper
+        self.template = resolve_template(chat_template) or getattr(self.tok, "chat_template", None)
+        if not self.template:
+            raise TemplateError(
+                f"{label}: the tokenizer has no chat template; set one with chat_template "
+                f"(a builtin: {', '.join(BUILTIN_TEMPLATES)}, a .jinja file, or Jinja text)"
+            )
+        self.span = span
+        self.kwargs = dict(template_kwargs or {})
+        self.label = label
+        self.special_ids = set(getattr(self.tok, "all_special_ids", []) or [])
+        added = getattr(self.tok, "added_tokens_decoder", {}) or {}
+        self.special_ids |= {i for i, t in added.items() if getattr(t, "special", False)}
+
+    def apply(self, messages: list[dict], generation_prompt: bool) -> str:
+        return self.tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt,
+            chat_template=self.template, **self.kwargs,
+        )
+
+    def turns(self, messages: list[dict]) -> tuple[str, list[Turn]]:
+        """The full rendering and the supervised assistant turns in it."""
+        full = self.apply(messages, False)
+        indices = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if self.span == "last":
+            indices = indices[-1:]
+        turns = []
+        for i in indices:
+            before = self.apply(messages[:i], True) if i else ""
+            through = self.apply(messages[: i + 1], False)
+            if not (full.startswith(through) and through.startswith(before)):
+                raise TemplateError(
+                    f"{self.label}: the chat template does not render conversations "
+                    f"prefix-consistently at message {i}; the supervised span cannot be located"
+                )
+            content = messages[i]["content"].strip()
+            pos = through.find(content, len(before))
+            if pos < 0:
+                raise TemplateError(
+                    f"{self.label}: the chat template changes the assistant content of "
+                    f"message {i}; the supervised span cannot be located"
+                )
+            turns.append(Turn(i, pos, pos + len(content), len(through)))
+        return full, turns
+
+    def encode(self, sample: Sample) -> Encoded:
+        full, turns = self.turns(sample.messages)
+        enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.asarray(enc["input_ids"], dtype=np.int32)
+        offsets = enc["offset_mapping"]
+        mask = np.zeros(len(ids), dtype=bool)
+        truncated = sample.meta.get("truncated", False)
+        for k, turn in enumerate(turns):
+            t = 0
+            while t < len(ids) and offsets[t][1] <= turn.content_start:
+                t += 1
+            while t < len(ids) and offsets[t][0] < turn.content_end:
+                mask[t] = True
+                t += 1
+            # The end-of-turn token closes the reply: supervise the first special token
+            # between the content and the end of this message's rendering, unless the
+            # reply was cut by truncation (it did not end there).
+            if truncated and k == len(turns) - 1:
+                continue
+            while t < len(ids) and offsets[t][0] < turn.turn_end:
+                if int(ids[t]) in self.special_ids:
+                    mask[t] = True
+                    break
+                t += 1
+        mask[0] = False  # the first token has no context to predict it from
+        return Encoded(ids, mask)
+
+    def char_to_turn(self, sample: Sample, char: int) -> tuple[int, int] | None:
+        """Map a char offset of the full rendering to (message index, content offset)."""
+        _, turns = self.turns(sample.messages)
+        for turn in turns:
+            if turn.content_start <= char <= turn.content_end:
+                lead = len(sample.messages[turn.index]["content"]) - len(
+                    sample.messages[turn.index]["content"].lstrip())
+                return turn.index, lead + char - turn.content_start
+        return None
+
+
+def fit_length(sample: Sample, renderer: Renderer, max_len: int, policy: str) -> tuple[Sample | None, Encoded | None, str]:
+    """Fit a sample into `max_len` tokens of `renderer`'s encoding.
+
+    Returns (sample, encoded, status) with status 'ok', 'truncated' or 'dropped'.
+    Truncation cuts the text of the response tail (so every model scores the same,
+    shorter, text) and the cut reply is not closed by an end-of-turn token.
+    """
+    enc = renderer.encode(sample)
+    if len(enc.tokens) <= max_len:
+        return sample, enc, "ok"
+    if policy == "drop":
+        return None, None, "dropped"
+    full = renderer.apply(sample.messages, False)
+    offsets = renderer.tok(full, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    keep = max_len
+    for _ in range(8):  # re-tokenising a cut text can shift a boundary token; shrink and retry
+        cut = offsets[keep - 1][1]
+        where = renderer.char_to_turn(sample, cut)
+        if where is None:
+            return None, None, "dropped"  # the cut falls outside any reply (a long prompt)
+        i, off = where
+        content = sample.messages[i]["content"][:off].rstrip()
+        if not content:
+            return None, None, "dropped"
+        msgs = [dict(m) for m in sample.messages[:i]] + [{"role": "assistant", "content": content}]
+        new = Sample(msgs, sample.source, {**sample.meta, "truncated": True})
+        enc = renderer.encode(new)
+        if len(enc.tokens) <= max_len and enc.n_target > 0:
+            return new, enc, "truncated"
+        keep -= max(1, len(enc.tokens) - max_len)
+        if keep < 2:
+            break
+    return None, None, "dropped"

@@ -1,0 +1,169 @@
+"""Aligned-model scores: token-mean log-likelihoods over the supervised span, cached on disk.
+
+The cache is content-addressed. A model's folder is named by a hash of the model's
+identity (weights, tokenizer, config), its chat template, the span policy and the
+template arguments; inside, each entry is keyed by the sample's content id. Entries are
+appended as checksummed JSON lines to a shard file owned by one process, so two
+processes (or data-parallel ranks) never write the same file, an interrupted run loses
+at most the batch in flight, and a corrupt or truncated line is detected and rescored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+SCORE_FORMAT = 1
+
+
+def home() -> Path:
+    return Path(os.environ.get("POFT_MLX_HOME", Path.home() / ".cache" / "poft-mlx"))
+
+
+def cache_key(identity: str, template: str | None, span: str, template_kwargs: dict, max_len) -> tuple[str, dict]:
+    desc = {
+        "format": SCORE_FORMAT,
+        "model": identity,
+        "template_sha256": hashlib.sha256((template or "").encode()).hexdigest(),
+        "span": span,
+        "template_kwargs": template_kwargs,
+        "max_seq_length": max_len,
+    }
+    key = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:24]
+    return key, desc
+
+
+class ScoreCache:
+    """uid -> (lp_sum, n_tok) for one aligned model; see the module docstring."""
+
+    def __init__(self, root: str | Path, key: str, desc: dict | None = None):
+        self.dir = Path(root) / key
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if desc is not None and not (self.dir / "meta.json").exists():
+            tmp = self.dir / f".meta.{uuid.uuid4().hex}"
+            tmp.write_text(json.dumps(desc, indent=1, sort_keys=True))
+            os.replace(tmp, self.dir / "meta.json")
+        self.entries: dict[str, tuple[float, int]] = {}
+        self.corrupt = 0
+        self._shard = None
+        self.reload()
+
+    def reload(self) -> None:
+        self.corrupt = 0
+        for shard in sorted(self.dir.glob("*.jsonl")):
+            with open(shard, "rb") as fh:
+                for raw in fh:
+                    entry = _decode(raw)
+                    if entry is None:
+                        self.corrupt += 1
+                    else:
+                        self.entries[entry[0]] = entry[1:]
+
+    def get(self, uid: str):
+        return self.entries.get(uid)
+
+    def put(self, items: list[tuple[str, float, int]]) -> None:
+        """Append entries durably (flush + fsync) to this process's shard."""
+        if self._shard is None:
+            self._shard = open(self.dir / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl", "ab")
+        for uid, lp, n in items:
+            self._shard.write(_encode(uid, lp, n))
+            self.entries[uid] = (float(lp), int(n))
+        self._shard.flush()
+        os.fsync(self._shard.fileno())
+
+    def close(self) -> None:
+        if self._shard is not None:
+            self._shard.close()
+            self._shard = None
+
+
+def _encode(uid: str, lp: float, n: int) -> bytes:
+    body = json.dumps({"id": uid, "lp": float(lp), "n": int(n)}, separators=(",", ":"))
+    return f"{body}\t{zlib.crc32(body.encode()):08x}\n".encode()
+
+
+def _decode(raw: bytes):
+    try:
+        body, crc = raw.rstrip(b"\n").rsplit(b"\t", 1)
+        if not raw.endswith(b"\n") or int(crc, 16) != zlib.crc32(body):
+            return None
+        d = json.loads(body)
+        lp, n = float(d["lp"]), int(d["n"])
+        if not np.isfinite(lp) or n <= 0:
+            return None
+        return d["id"], lp, n
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+# ---------------------------------------------------------------------------- scoring
+
+
+def score_samples(loaded, renderer, samples, cache: ScoreCache, *, batch_size: int = 8,
+                  max_len: int | None = None, progress=None, group=None) -> dict:
+    """Score every sample not yet in `cache`, in length-sorted batches; returns counts.
+
+    With a distributed `group`, rank r scores every r-th of the missing samples and the
+    ranks meet at the end, so that every rank sees the merged cache.
+    """
+    import mlx.core as mx
+
+    from .modeling import batch_logprobs, make_batch
+
+    todo, too_long = [], []
+    seen = set()
+    for s in samples:
+        if s.uid in seen or cache.get(s.uid) is not None:
+            continue
+        seen.add(s.uid)
+        enc = renderer.encode(s)
+        if max_len and len(enc.tokens) > max_len:
+            too_long.append(s)
+            continue
+        todo.append((len(enc.tokens), s.uid, enc))
+    todo.sort(key=lambda t: t[0])
+    if group is not None and group.size() > 1:
+        todo = todo[group.rank()::group.size()]
+    model = loaded.model
+    model.eval()
+    done_tokens = 0
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i:i + batch_size]
+        batch = make_batch([c[2] for c in chunk], range(len(chunk)))
+        lp, n = batch_logprobs(model, batch)
+        mx.eval(lp)
+        lp, n = np.array(lp), np.array(n)
+        cache.put([(c[1], float(lp[j]), int(n[j])) for j, c in enumerate(chunk)])
+        done_tokens += int(sum(c[0] for c in chunk))
+        if progress:
+            progress(len(chunk), done_tokens)
+    if group is not None and group.size() > 1:
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))  # barrier
+        cache.reload()
+    return {"scored": len(todo), "too_long": [s.source for s in too_long]}
+
+
+def lookup(cache: ScoreCache, samples) -> tuple[np.ndarray, list[int]]:
+    """Token-mean scores r_j for `samples` (NaN where missing) and the missing indices."""
+    r = np.full(len(samples), np.nan, np.float64)
+    missing = []
+    for i, s in enumerate(samples):
+        e = cache.get(s.uid)
+        if e is None:
+            missing.append(i)
+        else:
+            r[i] = e[0] / e[1]
+    return r, missing
+
+
+def combine(scores: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """r_ref = sum_j w_j r_j / sum_j w_j (the paper: the plain mean, all w_j = 1)."""
+    w = np.asarray(weights, np.float64)
+    return (np.stack(scores) * w[:, None]).sum(0) / w.sum()

@@ -1,0 +1,311 @@
+"""The training loop: one explicit `train()`; the objective and the data are passed in.
+
+SFT and PoFT differ only in the objective function. A step consumes
+`grad_accumulation_steps` micro-batches of `batch_size` samples (the global batch;
+each data-parallel rank takes every world-size-th row), then applies one update.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .losses import MetricMeter
+from .modeling import batch_logprobs, make_batch
+from .progress import Progress
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT/SIGTERM after saving a checkpoint."""
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class Dataset:
+    """Encoded samples with their reference scores (NaN where not needed)."""
+
+    samples: list
+    encodings: list
+    r_ref: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def batches(self, batch_size: int, world: int = 1) -> list[np.ndarray]:
+        """Length-sorted groups, so that padding stays small; the order is shuffled per epoch."""
+        order = np.argsort([len(e.tokens) for e in self.encodings], kind="stable")
+        groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        return [g for g in groups if len(g) >= world]
+
+    def batch(self, index: np.ndarray, rank: int = 0, world: int = 1):
+        mine = index[rank::world]
+        return make_batch([self.encodings[i] for i in mine], mine, self.r_ref[mine])
+
+
+def epoch_order(n_batches: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n_batches)
+
+
+def build_schedule(args: TrainConfig, total_steps: int):
+    warmup = args.warmup_steps or int(args.warmup_ratio * total_steps)
+    lr, end = args.learning_rate, args.learning_rate * args.min_lr_ratio
+    decay_steps = max(total_steps - warmup, 1)
+    if args.lr_schedule == "cosine":
+        main = optim.cosine_decay(lr, decay_steps, end)
+    elif args.lr_schedule == "linear":
+        main = optim.linear_schedule(lr, end, decay_steps)
+    else:
+        main = lambda step: mx.array(lr, mx.float32)  # noqa: E731
+    if warmup <= 0:
+        return main
+    return optim.join_schedules([optim.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def build_optimizer(args: TrainConfig, total_steps: int):
+    lr = build_schedule(args, total_steps)
+    if args.optimizer == "adamw":
+        return optim.AdamW(learning_rate=lr, weight_decay=args.weight_decay)
+    if args.optimizer == "adam":
+        return optim.Adam(learning_rate=lr)
+    return optim.SGD(learning_rate=lr, weight_decay=args.weight_decay)
+
+
+def global_norm(batch_index: np.ndarray, data: Dataset, objective: str) -> float:
+    """The loss normaliser over the whole global batch: samples (PoFT) or tokens (SFT)."""
+    if objective == "sft":
+        return float(sum(data.encodings[i].mask[1:].sum() for i in batch_index))
+    return float(len(batch_index))
+
+
+def evaluate(model, data: Dataset, objective_fn: Callable, objective: str, *, batch_size: int,
+             max_batches: int = -1, group=None, beta=1.0, gamma=0.0) -> dict:
+    """Validation metrics over `data` (reduced across ranks): loss, CE, ppl, tau, win rate."""
+    world, rank = (group.size(), group.rank()) if group else (1, 0)
+    was_training = model.training
+    model.eval()
+    meter = MetricMeter()
+    loss_sum = 0.0
+    groups = data.batches(batch_size, world)
+    if max_batches > 0:
+        groups = groups[:max_batches]
+    for g in groups:
+        b = data.batch(g, rank, world)
+        lp, n = batch_logprobs(model, b)
+        norm = global_norm(g, data, objective)
+        loss, metrics = objective_fn(lp, n, b.r_ref, norm=norm)
+        metrics["loss_sum"] = loss * norm
+        metrics["loss_norm"] = mx.array(norm / world, mx.float32)
+        if group is not None and world > 1:
+            metrics = {k: _reduce(k, v, group) for k, v in metrics.items()}
+        mx.eval(metrics)
+        meter.add(metrics)
+    if was_training:
+        model.train()
+    out = meter.summary()
+    out["loss"] = meter.sums.get("loss_sum", 0.0) / max(meter.sums.get("loss_norm", 1.0), 1e-12)
+    return out
+
+
+def _reduce(key, v, group):
+    if key == "tau_min":
+        return -mx.distributed.all_max(-v, group=group, stream=mx.cpu) if hasattr(mx.distributed, "all_max") else v
+    if key == "tau_max":
+        return mx.distributed.all_max(v, group=group, stream=mx.cpu) if hasattr(mx.distributed, "all_max") else v
+    return mx.distributed.all_sum(v, group=group, stream=mx.cpu)
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+
+def train(model, optimizer, train_data: Dataset, val_data: Dataset | None, objective_fn: Callable, *,
+          args: TrainConfig, objective: str, run_dir: Path, adapter_config: dict, resume: bool = False,
+          reference: Callable | None = None, log: Callable = print, clear_cache_threshold: float = 0.0) -> dict:
+    """Train `model` in place; returns the final validation metrics (or {})."""
+    group = mx.distributed.init()
+    world, rank = group.size(), group.rank()
+    main_rank = rank == 0
+    groups = train_data.batches(args.batch_size, world)
+    if not groups:
+        raise ValueError(f"the training set ({len(train_data)} samples) is smaller than one batch")
+    accum = args.grad_accumulation_steps
+    total_steps = args.iters or max((args.epochs or 1) * len(groups) // accum, 1)
+    if args.grad_checkpoint:
+        from mlx_lm.tuner.trainer import grad_checkpoint
+        grad_checkpoint(model.layers[0])
+
+    def loss_fn(model, batch, norm):
+        lp, n = batch_logprobs(model, batch, checkpoint=args.grad_checkpoint)
+        return objective_fn(lp, n, batch.r_ref, norm=norm)
+
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+    state = {"step": 0, "best_val": None, "best_step": None, "bad_evals": 0, "skipped": 0}
+    metrics_path = run_dir / "metrics.jsonl"
+    if resume:
+        path = ckpt.latest_checkpoint(run_dir)
+        if path is None:
+            raise FileNotFoundError(f"{run_dir}: no complete checkpoint to resume from")
+        state.update(ckpt.load_checkpoint(path, model, optimizer))
+        if main_rank:
+            _truncate_metrics(metrics_path, state["step"])
+        log(f"resumed from {path} at step {state['step']}/{total_steps}")
+
+    def write(record: dict) -> None:
+        if main_rank:
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def save(step: int) -> Path | None:
+        if not main_rank:
+            return None
+        path = ckpt.save_checkpoint(run_dir, step, model, optimizer, adapter_config, dict(state, step=step))
+        ckpt.save_adapters(model, run_dir / "adapters", adapter_config)
+        ckpt.prune(run_dir, args.keep_last)
+        return path
+
+    def validate(step: int) -> bool:
+        """Evaluate, keep the best adapters; returns True when early stopping triggers."""
+        if val_data is None or len(val_data) == 0:
+            return False
+        m = evaluate(model, val_data, objective_fn, objective, batch_size=args.batch_size,
+                     max_batches=args.val_batches, group=group)
+        write({"split": "val", "step": step, **m})
+        log(f"val   step {step}: " + _fmt(m))
+        if state["best_val"] is None or m["loss"] < state["best_val"]:
+            state.update(best_val=m["loss"], best_step=step, bad_evals=0)
+            if main_rank:
+                ckpt.save_adapters(model, run_dir / "best", adapter_config)
+        else:
+            state["bad_evals"] += 1
+        return bool(args.early_stopping_patience) and state["bad_evals"] >= args.early_stopping_patience
+
+    model.train()
+    meter, window_tokens, window_time, losses = MetricMeter(), 0, 0.0, []
+    step = state["step"]
+    if step == 0 and val_data is not None and not resume:
+        validate(0)
+    stopped_early = False
+    with _StopFlag() as stop, Progress(total_steps, "train", enabled=main_rank) as bar:
+        bar.n = step
+        while step < total_steps:
+            if stop.signum is not None:
+                path = save(step)
+                raise Interrupted(f"stopped by signal {stop.signum} at step {step}; checkpoint {path}")
+            tic = time.perf_counter()
+            grads, loss_acc, tokens = None, 0.0, 0
+            for k in range(accum):
+                micro = step * accum + k
+                epoch, pos = divmod(micro, len(groups))
+                g = groups[epoch_order(len(groups), args.seed, epoch)[pos]]
+                batch = train_data.batch(g, rank, world)
+                if reference is not None:
+                    batch.r_ref = mx.array(reference([train_data.samples[i] for i in batch.index]), mx.float32)
+                norm = global_norm(g, train_data, objective) * accum
+                (loss, metrics), grad = value_and_grad(model, batch, norm)
+                grads = grad if grads is None else tree_map(mx.add, grads, grad)
+                mx.eval(grads, loss, metrics)
+                loss_acc += loss.item()
+                meter.add(metrics)
+                tokens += int(metrics["n_tokens"].item())
+            if world > 1:
+                grads = tree_map(lambda x: mx.distributed.all_sum(x, group=group), grads)
+                loss_acc = mx.distributed.all_sum(mx.array(loss_acc), group=group, stream=mx.cpu).item()
+            gnorm = optim.clip_grad_norm(grads, args.max_grad_norm)[1] if args.max_grad_norm else _norm(grads)
+            if args.max_grad_norm:
+                grads = optim.clip_grad_norm(grads, args.max_grad_norm)[0]
+            finite = math.isfinite(loss_acc) and math.isfinite(gnorm.item())
+            if not finite:
+                if args.nan_policy == "stop":
+                    raise NonFiniteLoss(
+                        f"non-finite loss ({loss_acc}) or gradient norm ({gnorm.item()}) at step {step + 1}; "
+                        f"the last good checkpoint is kept in {run_dir / 'checkpoints'} "
+                        "(set train.nan_policy=skip to skip such batches)")
+                state["skipped"] += 1
+                log(f"step {step + 1}: non-finite loss or gradient, batch skipped (nan_policy=skip)")
+            else:
+                optimizer.update(model, grads)
+                mx.eval(model.trainable_parameters(), optimizer.state)
+            if clear_cache_threshold and mx.get_cache_memory() > clear_cache_threshold * 1e9:
+                mx.clear_cache()
+            step += 1
+            losses.append(loss_acc)
+            window_tokens += tokens * world
+            window_time += time.perf_counter() - tic
+            bar.advance(1, info=f"loss {loss_acc:.4f} | {window_tokens / max(window_time, 1e-9):.0f} tok/s | "
+                                f"peak {mx.get_peak_memory() / 1e9:.2f} GB")
+            if step % args.steps_per_report == 0 or step == total_steps:
+                m = meter.summary()
+                rec = {"split": "train", "step": step, "loss": float(np.mean(losses)), **m,
+                       "lr": float(optimizer.learning_rate.item()), "grad_norm": float(gnorm.item()),
+                       "tokens_per_sec": window_tokens / max(window_time, 1e-9),
+                       "peak_memory_gb": mx.get_peak_memory() / 1e9, "epoch": step * accum / len(groups)}
+                write(rec)
+                meter, window_tokens, window_time, losses = MetricMeter(), 0, 0.0, []
+            if step % args.steps_per_eval == 0 and step != total_steps:
+                stopped_early = validate(step)
+            if step % args.steps_per_save == 0 and step != total_steps:
+                save(step)
+            if stopped_early:
+                log(f"early stopping at step {step}: no improvement in {args.early_stopping_patience} evaluations")
+                break
+    final = {}
+    if not stopped_early:
+        validate(step)
+    if val_data is not None and state["best_step"] is not None:
+        final = {"best_val_loss": state["best_val"], "best_step": state["best_step"]}
+    state["step"] = step
+    save(step)
+    return final
+
+
+def _norm(grads) -> mx.array:
+    return mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics logged after the checkpoint we resume from (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _fmt(m: dict) -> str:
+    keys = ("loss", "ce", "ppl", "tau_mean", "win_rate", "margin")
+    return " | ".join(f"{k} {m[k]:.4f}" for k in keys if k in m and m[k] == m[k])

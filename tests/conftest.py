@@ -1,0 +1,25 @@
+import os
+
+import pytest
+
+import poft_mlx  # noqa: F401  (BLAS before mlx)
+
+from tiny import CHATML, QWEN, make_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    """Every test gets its own poft-mlx cache (scores, converted models)."""
+    if not os.environ.get("POFT_MLX_TEST_SHARED_HOME"):
+        monkeypatch.setenv("POFT_MLX_HOME", str(tmp_path / "home"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """A target and two aligned models, each with its own tokenizer and template."""
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "target": make_model(root / "target", vocab_size=320, seed=0, template=None, style="gemma", arch="gemma3_text"),
+        "aligned_a": make_model(root / "aligned_a", vocab_size=300, seed=1, template=CHATML),
+        "aligned_b": make_model(root / "aligned_b", vocab_size=400, seed=2, template=QWEN, arch="qwen2"),
+    }

@@ -2,9 +2,49 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import click
 
 import poft_mlx  # noqa: F401  (loads the optimised BLAS before mlx)
+
+CONFIG_OPTIONS = [
+    click.option("-c", "--config", "configs", multiple=True, type=click.Path(dir_okay=False),
+                 help="YAML config file(s), applied in order over the defaults."),
+    click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                 help="Override one config key, e.g. --set train.learning_rate=1e-5 (repeatable)."),
+]
+
+
+def config_options(fn):
+    for opt in reversed(CONFIG_OPTIONS):
+        fn = opt(fn)
+    return fn
+
+
+def _errors():
+    from .config import ConfigError
+    from .data import DataError
+    from .references import MissingScores
+    from .render import TemplateError
+
+    return (ConfigError, DataError, TemplateError, MissingScores, FileExistsError, FileNotFoundError, ValueError)
+
+
+def _run(fn, *args, **kwargs):
+    """Call library code; user errors become one clear message, not a traceback."""
+    try:
+        return fn(*args, **kwargs)
+    except _errors() as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _load(configs, overrides, base=None):
+    from .config import load_config
+
+    return _run(load_config, list(configs), list(overrides), base=base)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -13,9 +53,86 @@ def main() -> None:
     """Preference-Oriented Supervised Fine-Tuning (PoFT) on MLX."""
 
 
+@main.command()
+@config_options
+def score(configs, overrides):
+    """Score the data with every aligned model (cached; a second run scores nothing)."""
+    from .pipeline import run_score
+
+    cfg = _load(configs, overrides)
+    result = _run(run_score, cfg)
+    click.echo(json.dumps(result, indent=1))
+
+
+@main.command()
+@config_options
+@click.option("--resume", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Continue the run in this folder from its latest checkpoint.")
+def train(configs, overrides, resume):
+    """Train the target with PoFT (or SFT / DPO) using LoRA, DoRA or full fine-tuning."""
+    from .config import read_yaml
+    from .pipeline import run_train
+    from .trainer import Interrupted, NonFiniteLoss
+
+    base = None
+    if resume:
+        base = _run(read_yaml, Path(resume) / "config.yaml")
+        base["run_dir"] = str(resume)
+    cfg = _load(configs, overrides, base)
+    try:
+        run_dir = _run(run_train, cfg, resume=bool(resume))
+    except Interrupted as e:
+        click.echo(f"\n{e}\nresume with: poft-mlx train --resume {cfg.run_dir}", err=True)
+        sys.exit(130)
+    except NonFiniteLoss as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"adapters: {run_dir / 'adapters'}  (mlx_lm.generate --model <target> --adapter-path {run_dir / 'adapters'})")
+
+
+@main.command("eval")
+@config_options
+@click.option("--data", required=True, type=click.Path(dir_okay=False, exists=True), help="Held-out JSONL file.")
+@click.option("--base/--no-base", default=True, help="Also evaluate the target without adapters.")
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Write the table as JSON here.")
+@click.argument("runs", nargs=-1, type=click.Path(file_okay=False, exists=True))
+def eval_cmd(configs, overrides, data, base, json_out, runs):
+    """Compare the base model and RUNS (run folders) on held-out data, side by side."""
+    from .config import read_yaml
+    from .pipeline import run_eval
+
+    rows = {}
+    first = _run(read_yaml, Path(runs[0]) / "config.yaml") if runs else None
+    if base:
+        cfg = _load(configs, overrides, first)
+        rows["base"] = _run(run_eval, cfg, data, None)
+    for run in runs:
+        cfg = _load(configs, overrides, _run(read_yaml, Path(run) / "config.yaml"))
+        rows[str(run)] = _run(run_eval, cfg, data, str(Path(run) / "adapters"))
+    if not rows:
+        raise click.UsageError("nothing to evaluate: give run folders and/or --base")
+    click.echo(format_table(rows))
+    if json_out:
+        Path(json_out).write_text(json.dumps(rows, indent=1))
+
+
+def format_table(rows: dict) -> str:
+    cols = ["ce", "ppl", "poft_loss", "tau_mean", "win_rate", "margin", "samples"]
+    cols = [c for c in cols if any(c in r for r in rows.values())]
+    width = max(len(k) for k in rows) + 2
+    lines = ["model".ljust(width) + "".join(c.rjust(11) for c in cols)]
+    for name, r in rows.items():
+        cells = "".join((f"{r[c]:11.4f}" if isinstance(r.get(c), float) else str(r.get(c, "-")).rjust(11)) for c in cols)
+        lines.append(name.ljust(width) + cells)
+    return "\n".join(lines)
+
+
 # Commands living in other modules register here, one line each.
 def _register() -> None:
-    pass
+    from .cli_export import export_peft, fuse, push
+
+    main.add_command(fuse)
+    main.add_command(export_peft)
+    main.add_command(push)
 
 
 _register()

@@ -126,7 +126,6 @@ def run_train(cfg: Config, *, resume: bool = False) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "data_fingerprint.txt").write_text(fingerprint(cfg.data.train) + "\n")
-    mx.random.seed(cfg.train.seed)
     loaded = modeling.load(cfg.model, dtype=cfg.system.dtype, trust_remote_code=cfg.trust_remote_code)
     renderer = target_renderer(loaded.tokenizer, cfg)
     train_prep = prepare(cfg.data.train, renderer, cfg)
@@ -139,10 +138,12 @@ def run_train(cfg: Config, *, resume: bool = False) -> Path:
     train_data = _dataset(train_prep, cfg, need_ref)
     val_data = _dataset(val_prep, cfg, bool(cfg.aligned)) if val_prep else None
     reference = ResidentReference(cfg) if resident else None
+    mx.random.seed(cfg.train.seed)  # here: building models above draws random numbers too
     adapter_config = {"model": str(loaded.path), **modeling.apply_adapters(loaded.model, cfg.adapter)}
     adapter_config["poft_mlx"] = {"target": cfg.model, "objective": cfg.objective}
-    n_groups = len(train_data.batches(cfg.train.batch_size, group.size()))
-    total = cfg.train.iters or max((cfg.train.epochs or 1) * n_groups // cfg.train.grad_accumulation_steps, 1)
+    accum = cfg.train.grad_accumulation_steps
+    n_groups = len(train_data.batches(cfg.train.batch_size * accum, group.size() * accum))
+    total = cfg.train.iters or max((cfg.train.epochs or 1) * n_groups, 1)
     optimizer = build_optimizer(cfg.train, total)
     objective_fn = partial(OBJECTIVES[cfg.objective], beta=cfg.beta, gamma=cfg.gamma)
     log(f"training {cfg.model} with {cfg.objective} for {total} steps -> {run_dir}")

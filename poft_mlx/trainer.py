@@ -161,11 +161,14 @@ def train(model, optimizer, train_data: Dataset, val_data: Dataset | None, objec
     group = mx.distributed.init()
     world, rank = group.size(), group.rank()
     main_rank = rank == 0
-    groups = train_data.batches(args.batch_size, world)
-    if not groups:
-        raise ValueError(f"the training set ({len(train_data)} samples) is smaller than one batch")
     accum = args.grad_accumulation_steps
-    total_steps = args.iters or max((args.epochs or 1) * len(groups) // accum, 1)
+    # One step = one group of batch_size * accum samples, fed as `accum` micro-batches
+    # of batch_size, normalised over the whole group: accumulation == a larger batch.
+    groups = train_data.batches(args.batch_size * accum, world * accum)
+    if not groups:
+        raise ValueError(f"the training set ({len(train_data)} samples) is smaller than one batch "
+                         f"({args.batch_size * accum})")
+    total_steps = args.iters or max((args.epochs or 1) * len(groups), 1)
     if args.grad_checkpoint:
         from mlx_lm.tuner.trainer import grad_checkpoint
         grad_checkpoint(model.layers[0])
@@ -229,14 +232,14 @@ def train(model, optimizer, train_data: Dataset, val_data: Dataset | None, objec
                 raise Interrupted(f"stopped by signal {stop.signum} at step {step}; checkpoint {path}")
             tic = time.perf_counter()
             grads, loss_acc, tokens = None, 0.0, 0
+            epoch, pos = divmod(step, len(groups))
+            g = groups[epoch_order(len(groups), args.seed, epoch)[pos]]
+            norm = global_norm(g, train_data, objective)
             for k in range(accum):
-                micro = step * accum + k
-                epoch, pos = divmod(micro, len(groups))
-                g = groups[epoch_order(len(groups), args.seed, epoch)[pos]]
-                batch = train_data.batch(g, rank, world)
+                micro = g[k * len(g) // accum:(k + 1) * len(g) // accum]
+                batch = train_data.batch(micro, rank, world)
                 if reference is not None:
                     batch.r_ref = mx.array(reference([train_data.samples[i] for i in batch.index]), mx.float32)
-                norm = global_norm(g, train_data, objective) * accum
                 (loss, metrics), grad = value_and_grad(model, batch, norm)
                 grads = grad if grads is None else tree_map(mx.add, grads, grad)
                 mx.eval(grads, loss, metrics)
@@ -274,7 +277,7 @@ def train(model, optimizer, train_data: Dataset, val_data: Dataset | None, objec
                 rec = {"split": "train", "step": step, "loss": float(np.mean(losses)), **m,
                        "lr": float(optimizer.learning_rate.item()), "grad_norm": float(gnorm.item()),
                        "tokens_per_sec": window_tokens / max(window_time, 1e-9),
-                       "peak_memory_gb": mx.get_peak_memory() / 1e9, "epoch": step * accum / len(groups)}
+                       "peak_memory_gb": mx.get_peak_memory() / 1e9, "epoch": step / len(groups)}
                 write(rec)
                 meter, window_tokens, window_time, losses = MetricMeter(), 0, 0.0, []
             if step % args.steps_per_eval == 0 and step != total_steps:

@@ -1,0 +1,131 @@
+"""End to end on tiny models: score -> train -> eval through the CLI, and trainer invariants."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from poft_mlx.cli import main
+from tiny import gsm_like, write_jsonl
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_models):
+    train = write_jsonl(tmp_path / "train.jsonl", gsm_like(24))
+    valid = write_jsonl(tmp_path / "valid.jsonl", gsm_like(8, offset=100))
+    cfg = {
+        "model": str(tiny_models["target"]),
+        "chat_template": "gemma",
+        "aligned": [str(tiny_models["aligned_a"]), str(tiny_models["aligned_b"])],
+        "data": {"train": str(train), "valid": str(valid), "max_seq_length": 96},
+        "adapter": {"rank": 4, "alpha": 8, "num_layers": -1},
+        "train": {"iters": 6, "batch_size": 4, "learning_rate": 1e-2, "steps_per_report": 2,
+                  "steps_per_eval": 3, "steps_per_save": 3, "lr_schedule": "constant"},
+        "score": {"batch_size": 4},
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return tmp_path, path
+
+
+def invoke(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def metrics(run, split="train"):
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in lines if m["split"] == split]
+
+
+def test_score_then_train_then_eval(setup):
+    tmp, cfg = setup
+    r = invoke("score", "-c", cfg)
+    assert r.exit_code == 0, r.output
+    again = invoke("score", "-c", cfg)
+    assert again.exit_code == 0 and "already scored" in again.output + (again.stderr if again.stderr_bytes else "")
+    poft_run, sft_run = tmp / "poft", tmp / "sft"
+    r = invoke("train", "-c", cfg, "--set", f"run_dir={poft_run}")
+    assert r.exit_code == 0, r.output
+    assert "scoring" not in r.output  # everything came from the cache
+    r = invoke("train", "-c", cfg, "--set", f"run_dir={sft_run}", "--set", "objective=sft")
+    assert r.exit_code == 0, r.output
+    for run in (poft_run, sft_run):
+        assert (run / "adapters" / "adapters.safetensors").exists()
+        assert (run / "config.yaml").exists() and (run / "best" / "adapters.safetensors").exists()
+        tr = metrics(run)
+        assert [m["step"] for m in tr] == [2, 4, 6]
+        for key in ("loss", "ce", "tau_mean", "tau_min", "tau_max", "win_rate", "margin", "tokens_per_sec", "peak_memory_gb"):
+            assert np.isfinite(tr[-1][key]), key
+        assert [m["step"] for m in metrics(run, "val")] == [0, 3, 6]
+    # PoFT's loss is the Bradley-Terry loss; SFT's is the CE.
+    assert metrics(sft_run, "val")[-1]["loss"] == pytest.approx(metrics(sft_run, "val")[-1]["ce"], rel=1e-5)
+    assert metrics(poft_run, "val")[-1]["loss"] == pytest.approx(metrics(poft_run, "val")[-1]["poft_loss"], rel=1e-5)
+    r = invoke("eval", "--data", tmp / "valid.jsonl", poft_run, sft_run, "--json-out", tmp / "eval.json")
+    assert r.exit_code == 0, r.output
+    table = json.loads((tmp / "eval.json").read_text())
+    assert set(table) == {"base", str(poft_run), str(sft_run)}
+    # Training lowered the held-out CE of both runs relative to the base model.
+    assert table[str(sft_run)]["ce"] < table["base"]["ce"]
+    assert table[str(poft_run)]["ce"] < table["base"]["ce"]
+    assert "win_rate" in r.output and "tau_mean" in r.output
+    # The adapters load in mlx-lm as they are.
+    from mlx_lm.utils import load
+    model, _ = load(str(json.loads((poft_run / "adapters" / "adapter_config.json").read_text())["model"]),
+                    adapter_path=str(poft_run / "adapters"))
+    assert model is not None
+
+
+def test_cached_and_resident_modes_give_the_same_losses(setup):
+    tmp, cfg = setup
+    common = ["--set", "train.iters=3", "--set", "data.valid=null"]
+    assert invoke("train", "-c", cfg, "--set", f"run_dir={tmp / 'c'}", *common).exit_code == 0
+    assert invoke("train", "-c", cfg, "--set", f"run_dir={tmp / 'r'}", "--set", "reference_mode=resident", *common).exit_code == 0
+    a, b = metrics(tmp / "c"), metrics(tmp / "r")
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6)
+        assert x["tau_mean"] == pytest.approx(y["tau_mean"], rel=1e-5, abs=1e-6)
+
+
+def test_training_refuses_samples_without_scores(setup):
+    tmp, cfg = setup
+    r = CliRunner().invoke(main, ["train", "-c", str(cfg), "--set", "score.on_missing=error",
+                                  "--set", f"run_dir={tmp / 'x'}"])
+    assert r.exit_code == 1
+    assert "lack a score from" in r.output and "train.jsonl:1" in r.output and "poft-mlx score" in r.output
+
+
+def test_same_seed_same_result_and_accumulation_equals_larger_batch(setup):
+    tmp, cfg = setup
+    base = ["--set", "data.valid=null", "--set", "train.steps_per_report=1", "--set", "adapter.dropout=0.0"]
+    runs = {
+        "a": ["--set", "train.iters=3", "--set", "train.batch_size=4"],
+        "b": ["--set", "train.iters=3", "--set", "train.batch_size=4"],
+        "acc": ["--set", "train.iters=3", "--set", "train.batch_size=2", "--set", "train.grad_accumulation_steps=2",
+                "--set", "train.optimizer=sgd"],
+        "big": ["--set", "train.iters=3", "--set", "train.batch_size=4", "--set", "train.optimizer=sgd"],
+    }
+    for name, extra in runs.items():
+        assert invoke("train", "-c", cfg, "--set", f"run_dir={tmp / name}", *base, *extra).exit_code == 0
+    wa = mx.load(str(tmp / "a" / "adapters" / "adapters.safetensors"))
+    wb = mx.load(str(tmp / "b" / "adapters" / "adapters.safetensors"))
+    assert all(np.array_equal(np.array(wa[k]), np.array(wb[k])) for k in wa)
+    # One step = one group of batch_size * accum samples; accumulating its two halves
+    # gives the same update as the whole group at once.
+    w_acc = mx.load(str(tmp / "acc" / "adapters" / "adapters.safetensors"))
+    w_big = mx.load(str(tmp / "big" / "adapters" / "adapters.safetensors"))
+    assert any(np.abs(np.array(w_big[k])).max() > 0 for k in w_big if k.endswith("lora_b"))
+    for k in w_big:
+        np.testing.assert_allclose(np.array(w_acc[k]), np.array(w_big[k]), rtol=1e-4, atol=1e-6)
+    assert [m["loss"] for m in metrics(tmp / "acc")] == pytest.approx([m["loss"] for m in metrics(tmp / "big")], rel=1e-5)
+
+
+def test_refuses_to_overwrite_a_run(setup):
+    tmp, cfg = setup
+    args = ["train", "-c", str(cfg), "--set", f"run_dir={tmp / 'once'}", "--set", "train.iters=1", "--set", "data.valid=null"]
+    assert invoke(*args).exit_code == 0
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "already holds a run" in r.output and "--resume" in r.output

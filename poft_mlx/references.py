@@ -15,7 +15,7 @@ import numpy as np
 
 from .config import AlignedModel, Config
 from .render import Renderer
-from .scoring import ScoreCache, cache_key, combine, home, lookup, score_samples
+from .scoring import ScoreCache, cache_key, combine, home, lookup, missing_indices, score_samples
 
 
 class MissingScores(RuntimeError):
@@ -35,11 +35,7 @@ def open_aligned(cfg: Config, spec: AlignedModel) -> AlignedHandle:
     from mlx_lm.utils import load_tokenizer
 
     from .modeling import resolve
-    try:
-        from .modelref import model_identity
-    except ImportError:  # TEMP
-        import hashlib
-        model_identity = lambda p: hashlib.sha256(b"".join(f.read_bytes() for f in sorted(p.glob("*")) if f.is_file())).hexdigest()  # noqa
+    from .modelref import model_identity
 
     path = resolve(spec.model)
     tok = load_tokenizer(path)
@@ -53,20 +49,21 @@ def open_aligned(cfg: Config, spec: AlignedModel) -> AlignedHandle:
 
 
 def score_all(cfg: Config, samples, *, group=None, log=print) -> list[AlignedHandle]:
-    """Make sure every aligned model has a cached score for every sample."""
+    """Make sure every aligned model has a cached score for every sample (on every rank of `group`)."""
     from . import modeling
     from .progress import Progress
 
     handles = []
     for spec in cfg.aligned:
         h = open_aligned(cfg, spec)
-        _, missing = lookup(h.cache, samples)
+        missing = missing_indices(h.cache, samples, group)
         if h.cache.corrupt:
             log(f"score cache {h.cache.dir}: {h.cache.corrupt} corrupt entr(y/ies) ignored; rescoring them")
         if missing:
             log(f"scoring {len(missing)} of {len(samples)} samples with {spec.model}")
             loaded = modeling.load(spec.model, dtype=cfg.system.dtype, trust_remote_code=cfg.trust_remote_code)
-            with Progress(len(missing), f"score {spec.model}") as bar:
+            main = group is None or group.rank() == 0
+            with Progress(len(missing), f"score {spec.model}", enabled=main) as bar:
                 result = score_samples(loaded, h.renderer, [samples[i] for i in missing], h.cache,
                                        batch_size=cfg.score.batch_size, max_len=cfg.score.max_seq_length,
                                        progress=bar.advance, group=group)

@@ -16,7 +16,7 @@ import numpy as np
 
 from .data import Sample
 
-BUILTIN_TEMPLATES = ("gemma", "chatml")
+BUILTIN_TEMPLATES = ("gemma", "chatml", "zephyr")
 
 
 class TemplateError(ValueError):

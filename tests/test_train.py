@@ -129,3 +129,53 @@ def test_refuses_to_overwrite_a_run(setup):
     assert invoke(*args).exit_code == 0
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 1 and "already holds a run" in r.output and "--resume" in r.output
+
+
+@pytest.mark.parametrize("extra", [
+    ["--set", "adapter.type=dora"],
+    ["--set", "adapter.type=full", "--set", "train.learning_rate=1e-3"],
+    ["--set", "adapter.keys=[self_attn.q_proj, self_attn.v_proj]", "--set", "adapter.num_layers=1"],
+])
+def test_adapter_kinds_train_and_load_in_mlx_lm(setup, extra):
+    from mlx_lm.utils import load
+
+    tmp, cfg = setup
+    run = tmp / "kind"
+    r = invoke("train", "-c", cfg, "--set", f"run_dir={run}", "--set", "train.iters=2", "--set", "data.valid=null", *extra)
+    assert r.exit_code == 0, r.output
+    conf = json.loads((run / "adapters" / "adapter_config.json").read_text())
+    model, _ = load(conf["model"], adapter_path=str(run / "adapters"))
+    saved = mx.load(str(run / "adapters" / "adapters.safetensors"))
+    if "adapter.type=full" in extra:
+        assert conf["fine_tune_type"] == "full" and len(saved) > 10
+    elif "adapter.num_layers=1" in extra:
+        assert {k.split(".")[-2] for k in saved} == {"q_proj", "v_proj"}
+        assert all(k.startswith("model.layers.1.") for k in saved)  # only the last block
+    else:
+        assert conf["fine_tune_type"] == "dora" and any(k.endswith(".m") for k in saved)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(setup):
+    tmp, cfg = setup
+    common = ["--set", "train.iters=2", "--set", "data.valid=null", "--set", "train.steps_per_report=1"]
+    assert invoke("train", "-c", cfg, "--set", f"run_dir={tmp / 'plain'}", *common).exit_code == 0
+    assert invoke("train", "-c", cfg, "--set", f"run_dir={tmp / 'ckpt'}", "--set", "train.grad_checkpoint=true",
+                  *common).exit_code == 0
+    assert [m["loss"] for m in metrics(tmp / "plain")] == pytest.approx([m["loss"] for m in metrics(tmp / "ckpt")], rel=1e-5)
+
+
+def test_quantized_target_trains(setup, tiny_models):
+    from mlx_lm.utils import load, quantize_model, save_config, save_model
+
+    tmp, cfg = setup
+    model, tok, config = load(str(tiny_models["aligned_a"]), return_config=True)
+    model, config = quantize_model(model, config, group_size=32, bits=4)
+    qdir = tmp / "q4"
+    save_model(qdir, model)
+    save_config(config, qdir / "config.json")
+    tok.save_pretrained(str(qdir))
+    r = invoke("train", "-c", cfg, "--set", f"model={qdir}", "--set", "chat_template=null", "--set", f"run_dir={tmp / 'q'}",
+               "--set", "train.iters=2", "--set", "data.valid=null")
+    assert r.exit_code == 0, r.output
+    saved = mx.load(str(tmp / "q" / "adapters" / "adapters.safetensors"))
+    assert saved and all(k.endswith(("lora_a", "lora_b")) for k in saved)

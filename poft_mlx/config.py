@@ -90,6 +90,11 @@ class ScoreConfig:
 
 
 @dataclass
+class DPOConfig:
+    beta: float = 0.1  # DPO's KL strength (Rafailov et al. 2023); unrelated to PoFT's beta
+
+
+@dataclass
 class SystemConfig:
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     memory_limit_gb: Optional[float] = None
@@ -108,10 +113,14 @@ class Config:
     reference_mode: Literal["cached", "resident"] = "cached"
     trust_remote_code: bool = False
     run_dir: str = "runs/poft"
+    # A previous stage's adapters (RUN_DIR/adapters), fused into the target before new
+    # adapters are added: PoFT -> DPO in one tool. The fused model is also DPO's reference.
+    init_adapters: Optional[str] = None
     data: DataConfig = field(default_factory=DataConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
 
 

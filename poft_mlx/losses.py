@@ -111,7 +111,17 @@ class MetricMeter:
         s = self.sums
         n = max(s.get("n_samples", 0.0), 1.0)
         out = {}
-        if "n_tokens" in s:
+        if "reward_acc_sum" in s:  # DPO (checked first: it also counts tokens)
+            out["reward_acc"] = s["reward_acc_sum"] / n
+            out["margin"] = s["margin_sum"] / n
+            for k in ("reward_chosen", "reward_rejected"):
+                if f"{k}_sum" in s:
+                    out[k] = s[f"{k}_sum"] / n
+            if "n_tokens_chosen" in s:
+                out["ce_chosen"] = s["ce_chosen_sum"] / max(s["n_tokens_chosen"], 1.0)
+            if "n_tokens" in s:
+                out["tokens"] = s["n_tokens"]
+        elif "n_tokens" in s:
             ntok = max(s["n_tokens"], 1.0)
             out["ce"] = s["ce_sum"] / ntok
             out["ppl"] = math.exp(min(out["ce"], 50.0))
@@ -122,8 +132,5 @@ class MetricMeter:
             out["win_rate"] = s["win_sum"] / n
             out["margin"] = s["margin_sum"] / n
             out["tokens"] = s["n_tokens"]
-        elif "reward_acc_sum" in s:
-            out["reward_acc"] = s["reward_acc_sum"] / n
-            out["margin"] = s["margin_sum"] / n
         out["samples"] = s.get("n_samples", 0.0)
         return out

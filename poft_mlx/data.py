@@ -65,6 +65,18 @@ class Pair:
     meta: dict = field(default_factory=dict)
 
 
+def _invalid_unicode(s: str) -> bool:
+    """A lone surrogate (JSON allows the escape "\\ud800") cannot be encoded, hashed or tokenised."""
+    try:
+        s.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+SURROGATE = "holds a lone surrogate escape (\\ud800-\\udfff), which is not valid Unicode"
+
+
 def _check_messages(msgs: Any, where: tuple[str, int], fld: str, out: list[Problem]) -> list[dict] | None:
     file, line = where
     if not isinstance(msgs, list) or not msgs:
@@ -88,6 +100,9 @@ def _check_messages(msgs: Any, where: tuple[str, int], fld: str, out: list[Probl
         elif role == "assistant" and not content.strip():
             out.append(Problem(file, line, f"{f}.content", "empty assistant content"))
             ok = False
+        elif _invalid_unicode(content):
+            out.append(Problem(file, line, f"{f}.content", SURROGATE))
+            ok = False
         if role == "system" and i != 0:
             out.append(Problem(file, line, f"{f}.role", "a system message may only come first"))
             ok = False
@@ -108,6 +123,9 @@ def _text_field(rec: dict, key: str, where: tuple[str, int], out: list[Problem],
     if nonempty and not v.strip():
         out.append(Problem(*where, key, "empty"))
         return None
+    if _invalid_unicode(v):
+        out.append(Problem(*where, key, SURROGATE))
+        return None
     return v
 
 
@@ -118,8 +136,8 @@ def _prompt_messages(rec: dict, where: tuple[str, int], out: list[Problem]) -> l
         return msgs[:-1] if msgs else None
     p = _text_field(rec, "prompt", where, out, nonempty=True)
     system = rec.get("system")
-    if system is not None and not isinstance(system, str):
-        out.append(Problem(*where, "system", "must be a string"))
+    if system is not None and (not isinstance(system, str) or _invalid_unicode(system)):
+        out.append(Problem(*where, "system", "must be a string" if not isinstance(system, str) else SURROGATE))
         return None
     if p is None:
         return None
@@ -164,18 +182,23 @@ def read_jsonl(path: str | Path, *, preference: bool = False) -> list:
         raise DataError([Problem(str(path), 0, "<file>", "no such file")])
     problems: list[Problem] = []
     items = []
-    with open(path, encoding="utf-8", errors="strict") as fh:
+    # Decoded line by line (lines end at \n only, as JSONL says), so that a bad byte is
+    # reported on its own line along with every other problem.
+    for i, blob in enumerate(path.read_bytes().split(b"\n"), 1):
         try:
-            lines = fh.readlines()
+            raw = blob.decode("utf-8-sig" if i == 1 else "utf-8")
         except UnicodeDecodeError as e:
-            raise DataError([Problem(str(path), 0, "<file>", f"not UTF-8 text ({e.reason})")]) from None
-    for i, raw in enumerate(lines, 1):
+            problems.append(Problem(str(path), i, "<utf-8>", f"not UTF-8 text (byte {e.start + 1}: {e.reason})"))
+            continue
         if not raw.strip():
             continue
         try:
             rec = json.loads(raw)
         except json.JSONDecodeError as e:
             problems.append(Problem(str(path), i, "<json>", f"invalid JSON: {e.msg} at column {e.colno}"))
+            continue
+        except (ValueError, RecursionError) as e:  # nested thousands deep, a 5000-digit integer
+            problems.append(Problem(str(path), i, "<json>", f"invalid JSON: {str(e) or type(e).__name__}"[:200]))
             continue
         item = parse_record(rec, (str(path), i), problems, preference=preference)
         if item is not None:

@@ -70,6 +70,9 @@ def _require(cfg: Config, *, aligned: bool) -> None:
         raise ValueError("no training data: set data.train in the config or --set data.train=FILE")
     if aligned and not cfg.aligned:
         raise ValueError("objective poft needs at least one aligned model (config key `aligned`)")
+    for key, f in (("data.train", cfg.data.train), ("data.valid", cfg.data.valid)):
+        if f and not Path(f).is_file():
+            raise FileNotFoundError(f"{key}: {f} is not a file")
 
 
 def run_score(cfg: Config, files: list[str] | None = None) -> dict:

@@ -58,7 +58,7 @@ def score_all(cfg: Config, samples, *, group=None, log=print) -> list[AlignedHan
         h = open_aligned(cfg, spec)
         missing = missing_indices(h.cache, samples, group)
         if h.cache.corrupt:
-            log(f"score cache {h.cache.dir}: {h.cache.corrupt} corrupt entr(y/ies) ignored; rescoring them")
+            log(f"score cache {h.cache.dir}: {h.cache.corrupt} corrupt line(s) ignored")
         if missing:
             log(f"scoring {len(missing)} of {len(samples)} samples with {spec.model}")
             loaded = modeling.load(spec.model, dtype=cfg.system.dtype, trust_remote_code=cfg.trust_remote_code)

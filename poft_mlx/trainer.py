@@ -187,6 +187,7 @@ def train(model, optimizer, train_data: Dataset, val_data: Dataset | None, objec
         state.update(ckpt.load_checkpoint(path, model, optimizer))
         if main_rank:
             _truncate_metrics(metrics_path, state["step"])
+            ckpt.clean_partial(run_dir)  # a checkpoint whose writing was cut off
         log(f"resumed from {path} at step {state['step']}/{total_steps}")
 
     def write(record: dict) -> None:
@@ -197,7 +198,10 @@ def train(model, optimizer, train_data: Dataset, val_data: Dataset | None, objec
     def save(step: int) -> Path | None:
         if not main_rank:
             return None
-        path = ckpt.save_checkpoint(run_dir, step, model, optimizer, adapter_config, dict(state, step=step))
+        # The open report window too, so that a resumed run logs the same means.
+        window = {"losses": losses, "sums": meter.sums}
+        path = ckpt.save_checkpoint(run_dir, step, model, optimizer, adapter_config,
+                                    dict(state, step=step, window=window))
         ckpt.save_adapters(model, run_dir / "adapters", adapter_config)
         ckpt.prune(run_dir, args.keep_last)
         return path
@@ -220,6 +224,10 @@ def train(model, optimizer, train_data: Dataset, val_data: Dataset | None, objec
 
     model.train()
     meter, window_tokens, window_time, losses = MetricMeter(), 0, 0.0, []
+    window = state.pop("window", None) or {}
+    losses = list(window.get("losses", []))  # global values; the sums are rank 0's own
+    if world == 1:
+        meter.sums = dict(window.get("sums", {}))
     step = state["step"]
     if step == 0 and val_data is not None and not resume:
         validate(0)
@@ -231,7 +239,7 @@ def train(model, optimizer, train_data: Dataset, val_data: Dataset | None, objec
                 path = save(step)
                 raise Interrupted(f"stopped by signal {stop.signum} at step {step}; checkpoint {path}")
             tic = time.perf_counter()
-            grads, loss_acc, tokens = None, 0.0, 0
+            grads, loss_acc, tokens, step_metrics = None, 0.0, 0, []
             epoch, pos = divmod(step, len(groups))
             g = groups[epoch_order(len(groups), args.seed, epoch)[pos]]
             norm = global_norm(g, train_data, objective)
@@ -244,7 +252,7 @@ def train(model, optimizer, train_data: Dataset, val_data: Dataset | None, objec
                 grads = grad if grads is None else tree_map(mx.add, grads, grad)
                 mx.eval(grads, loss, metrics)
                 loss_acc += loss.item()
-                meter.add(metrics)
+                step_metrics.append(metrics)
                 tokens += int(metrics["n_tokens"].item())
             if world > 1:
                 grads = tree_map(lambda x: mx.distributed.all_sum(x, group=group), grads)
@@ -264,18 +272,21 @@ def train(model, optimizer, train_data: Dataset, val_data: Dataset | None, objec
             else:
                 optimizer.update(model, grads)
                 mx.eval(model.trainable_parameters(), optimizer.state)
+                for m in step_metrics:  # a skipped batch stays out of the logged means
+                    meter.add(m)
+                losses.append(loss_acc)
             if clear_cache_threshold and mx.get_cache_memory() > clear_cache_threshold * 1e9:
                 mx.clear_cache()
             step += 1
-            losses.append(loss_acc)
             window_tokens += tokens * world
             window_time += time.perf_counter() - tic
             bar.advance(1, info=f"loss {loss_acc:.4f} | {window_tokens / max(window_time, 1e-9):.0f} tok/s | "
                                 f"peak {mx.get_peak_memory() / 1e9:.2f} GB")
             if step % args.steps_per_report == 0 or step == total_steps:
                 m = meter.summary()
-                rec = {"split": "train", "step": step, "loss": float(np.mean(losses)), **m,
-                       "lr": float(optimizer.learning_rate.item()), "grad_norm": float(gnorm.item()),
+                rec = {"split": "train", "step": step, "loss": float(np.mean(losses)) if losses else None, **m,
+                       "lr": float(optimizer.learning_rate.item()), "grad_norm": _finite(gnorm.item()),
+                       "skipped": state["skipped"],
                        "tokens_per_sec": window_tokens / max(window_time, 1e-9),
                        "peak_memory_gb": mx.get_peak_memory() / 1e9, "epoch": step / len(groups)}
                 write(rec)
@@ -305,8 +316,18 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metrics logged after the checkpoint we resume from (they will be logged again)."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            if json.loads(ln).get("step", 0) <= step:
+                keep.append(ln)
+        except (json.JSONDecodeError, AttributeError):
+            pass  # a line cut off by a kill
     path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def _fmt(m: dict) -> str:

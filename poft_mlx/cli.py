@@ -27,10 +27,12 @@ def config_options(fn):
 def _errors():
     from .config import ConfigError
     from .data import DataError
+    from .distributed import PeerLost
     from .references import MissingScores
     from .render import TemplateError
 
-    return (ConfigError, DataError, TemplateError, MissingScores, FileExistsError, FileNotFoundError, ValueError)
+    return (ConfigError, DataError, TemplateError, MissingScores, PeerLost, FileExistsError, FileNotFoundError,
+            ValueError)
 
 
 def _run(fn, *args, **kwargs):
@@ -39,6 +41,14 @@ def _run(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except _errors() as e:
         raise click.ClickException(str(e)) from None
+
+
+def _echo_once(msg: str, **kwargs) -> None:
+    """Print on rank 0 only: under mlx.launch / mpirun every rank runs the command."""
+    from .distributed import is_main
+
+    if is_main():
+        click.echo(msg, **kwargs)
 
 
 def _load(configs, overrides, base=None):
@@ -61,7 +71,7 @@ def score(configs, overrides):
 
     cfg = _load(configs, overrides)
     result = _run(run_score, cfg)
-    click.echo(json.dumps(result, indent=1))
+    _echo_once(json.dumps(result, indent=1))
 
 
 @main.command()
@@ -82,11 +92,11 @@ def train(configs, overrides, resume):
     try:
         run_dir = _run(run_train, cfg, resume=bool(resume))
     except Interrupted as e:
-        click.echo(f"\n{e}\nresume with: poft-mlx train --resume {cfg.run_dir}", err=True)
+        _echo_once(f"\n{e}\nresume with: poft-mlx train --resume {cfg.run_dir}", err=True)
         sys.exit(130)
     except NonFiniteLoss as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"adapters: {run_dir / 'adapters'}  (mlx_lm.generate --model <target> --adapter-path {run_dir / 'adapters'})")
+    _echo_once(f"adapters: {run_dir / 'adapters'}  (mlx_lm.generate --model <target> --adapter-path {run_dir / 'adapters'})")
 
 
 @main.command("eval")
@@ -98,6 +108,7 @@ def train(configs, overrides, resume):
 def eval_cmd(configs, overrides, data, base, json_out, runs):
     """Compare the base model and RUNS (run folders) on held-out data, side by side."""
     from .config import read_yaml
+    from .distributed import is_main
     from .pipeline import run_eval
 
     rows = {}
@@ -110,8 +121,8 @@ def eval_cmd(configs, overrides, data, base, json_out, runs):
         rows[str(run)] = _run(run_eval, cfg, data, str(Path(run) / "adapters"))
     if not rows:
         raise click.UsageError("nothing to evaluate: give run folders and/or --base")
-    click.echo(format_table(rows))
-    if json_out:
+    _echo_once(format_table(rows))
+    if json_out and is_main():
         Path(json_out).write_text(json.dumps(rows, indent=1))
 
 

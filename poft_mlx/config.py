@@ -101,6 +101,9 @@ class SystemConfig:
     memory_limit_gb: Optional[float] = None
     cache_limit_gb: Optional[float] = None
     clear_cache_threshold_gb: float = 0.0
+    # Data-parallel runs: a rank that waits this long for the others in one collective
+    # (a rank hangs or is unreachable) exits with an error. Dead ranks are noticed at once.
+    peer_timeout_s: float = 600.0
 
 
 @dataclass

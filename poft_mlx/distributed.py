@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import threading
+import zlib
 
 import mlx.core as mx
 import numpy as np
@@ -50,15 +51,14 @@ def group() -> mx.distributed.Group:
     """The group of all ranks (size 1 when not launched distributed), initialised once."""
     if _state["group"] is None:
         expected = _launched_world()
-        if "OMPI_COMM_WORLD_SIZE" in os.environ and "MLX_MPI_LIBNAME" not in os.environ:
-            # mlx opens "libmpi.so", which Linux distributions ship only in their -dev packages.
-            lib = ctypes.util.find_library("mpi")
-            if lib:
-                os.environ["MLX_MPI_LIBNAME"] = lib
+        _find_libmpi()
         if expected > 1:  # rank 0 waits in accept() for peers that may never come
             faulthandler.dump_traceback_later(_state["timeout"], exit=True)
         try:
             g = mx.distributed.init()
+        except RuntimeError as e:  # e.g. a later rank gives up connecting after about 30 s
+            raise PeerLost(f"rank {os.environ.get('MLX_RANK', '?')}: could not reach the other ranks ({e}); "
+                           f"check the addresses in MLX_HOSTFILE and start all ranks within ~30 s") from None
         finally:
             if expected > 1:
                 faulthandler.cancel_dump_traceback_later()
@@ -67,10 +67,19 @@ def group() -> mx.distributed.Group:
                     "with mpirun -x MLX_MPI_LIBNAME"
                     if "OMPI_COMM_WORLD_SIZE" in os.environ else
                     f"check MLX_HOSTFILE={os.environ.get('MLX_HOSTFILE')} and MLX_RANK")
-            raise RuntimeError(f"launched as one of {expected} ranks, but mx.distributed.init() "
-                               f"gave a group of 1: {hint}")
+            raise ValueError(f"launched as one of {expected} ranks, but mx.distributed.init() "
+                             f"gave a group of 1: {hint}")
         _state["group"] = g
     return _state["group"]
+
+
+def _find_libmpi() -> None:
+    """Under mpirun, point mlx at libmpi: it opens "libmpi.so", which Linux distributions
+    ship only in their -dev packages (Debian's openmpi-bin has libmpi.so.40)."""
+    if "OMPI_COMM_WORLD_SIZE" in os.environ and "MLX_MPI_LIBNAME" not in os.environ:
+        lib = ctypes.util.find_library("mpi")
+        if lib:
+            os.environ["MLX_MPI_LIBNAME"] = lib
 
 
 def _launched_world() -> int:
@@ -168,7 +177,13 @@ def broadcast(tree, what: str):
     g = group()
     if g.size() == 1:
         return tree
-    flat = tree_flatten(tree)
+    flat = sorted(tree_flatten(tree), key=lambda kv: kv[0])  # dicts may list their keys in any order
+    # Mismatched collectives hang rather than fail: compare the layouts first.
+    layout = zlib.crc32(repr([(k, v.shape, str(v.dtype)) for k, v in flat]).encode())
+    layouts = mx.distributed.all_gather(mx.array([layout], mx.int64), group=g, stream=mx.cpu)
+    wait(layouts, what)
+    if len(set(np.array(layouts).tolist())) > 1:
+        raise RuntimeError(f"rank {g.rank()}: the ranks hold differently shaped data while {what}")
     summed = [(k, mx.distributed.all_sum(v if g.rank() == 0 else mx.zeros_like(v), group=g, stream=mx.cpu))
               for k, v in flat]
     wait([v for _, v in summed], what)

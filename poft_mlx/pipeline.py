@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import device
+from . import distributed as dist
 from .config import Config, save_config
 from .data import fingerprint, read_jsonl
 from .losses import OBJECTIVES
@@ -23,9 +24,7 @@ from .trainer import Dataset
 
 
 def log(msg: str) -> None:
-    import mlx.core as mx
-
-    if mx.distributed.init().rank() == 0:
+    if dist.is_main():
         print(msg, file=sys.stderr, flush=True)
 
 
@@ -77,17 +76,17 @@ def _require(cfg: Config, *, aligned: bool) -> None:
 
 def run_score(cfg: Config, files: list[str] | None = None) -> dict:
     """Score the training (and validation) data with every aligned model; cached."""
-    import mlx.core as mx
     from mlx_lm.utils import load_tokenizer
 
     from .modeling import resolve
 
     _require(cfg, aligned=True)
+    dist.set_timeout(cfg.system.peer_timeout_s)
     tok = load_tokenizer(resolve(cfg.model))
     renderer = target_renderer(tok, cfg)
     files = files or [f for f in (cfg.data.train, cfg.data.valid) if f]
     out = {}
-    group = mx.distributed.init()
+    group = dist.group()
     for f in files:
         prep = prepare(f, renderer, cfg)
         handles = score_all(cfg, prep.samples, group=group, log=log)
@@ -101,7 +100,7 @@ def _dataset(prep: Prepared, cfg: Config, need_ref: bool) -> Dataset:
     r_ref = np.full(len(prep.samples), np.nan, np.float32)
     if need_ref:
         if cfg.score.on_missing == "score":
-            handles = score_all(cfg, prep.samples, log=log)
+            handles = score_all(cfg, prep.samples, group=dist.group(), log=log)
         else:
             handles = [open_aligned(cfg, a) for a in cfg.aligned]
         r_ref = reference_scores(handles, prep.samples)[0].astype(np.float32)
@@ -120,7 +119,8 @@ def run_train(cfg: Config, *, resume: bool = False) -> Path:
         from .dpo import run_dpo
         return run_dpo(cfg, resume=resume)
     run_dir = Path(cfg.run_dir)
-    group = mx.distributed.init()
+    dist.set_timeout(cfg.system.peer_timeout_s)
+    group = dist.group()
     if not resume and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         raise FileExistsError(f"{run_dir} already holds a run; resume it with --resume {run_dir} "
                               "or choose another run_dir")
@@ -165,6 +165,7 @@ def run_eval(cfg: Config, data: str, adapter_path: str | None) -> dict:
     from . import modeling
     from .trainer import evaluate
 
+    dist.set_timeout(cfg.system.peer_timeout_s)
     loaded = modeling.load(cfg.model, dtype=cfg.system.dtype, trust_remote_code=cfg.trust_remote_code)
     if cfg.init_adapters:  # a DPO run's starting point: fuse it first (dpo.py)
         from .dpo import fuse_adapters
@@ -176,7 +177,7 @@ def run_eval(cfg: Config, data: str, adapter_path: str | None) -> dict:
     ds = _dataset(prep, cfg, bool(cfg.aligned))
     objective = "poft" if cfg.aligned else "sft"
     fn = _p(OBJECTIVES[objective], beta=cfg.beta, gamma=cfg.gamma)
-    m = evaluate(loaded.model, ds, fn, objective, batch_size=cfg.score.batch_size)
+    m = evaluate(loaded.model, ds, fn, objective, batch_size=cfg.score.batch_size, group=dist.group())
     if objective == "sft":
         m["loss"] = m.get("ce")
     return m

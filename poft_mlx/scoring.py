@@ -112,11 +112,13 @@ def score_samples(loaded, renderer, samples, cache: ScoreCache, *, batch_size: i
 
     With a distributed `group` (the same `samples` on every rank), a sample is scored when
     any rank's cache lacks it; rank r scores batches r, r + world, ... (the very batches of
-    one process, so the same scores bit for bit), then the scores are all-summed so that
-    every rank's cache gets them all, whether or not the ranks share a file system.
+    one process, so the same scores bit for bit; the ranks meet after each round), then the
+    scores are all-summed so that every rank's cache gets them all, whether or not the
+    ranks share a file system.
     """
     import mlx.core as mx
 
+    from . import distributed as dist
     from .modeling import batch_logprobs, make_batch
 
     todo, too_long = [], []
@@ -136,23 +138,26 @@ def score_samples(loaded, renderer, samples, cache: ScoreCache, *, batch_size: i
     model = loaded.model
     model.eval()
     scores = np.zeros((len(todo), 2), np.float64)  # (lp_sum, n_tok) of the rows this rank scored
-    done, done_tokens = 0, 0
-    for i in range(rank * batch_size, len(todo), world * batch_size):
+    n_batches, done_tokens = -(-len(todo) // batch_size), 0
+    for first in range(0, n_batches, world):  # a round: batch first + r on rank r
+        i = (first + rank) * batch_size
         chunk = todo[i:i + batch_size]
-        batch = make_batch([c[2] for c in chunk], range(len(chunk)))
-        lp, n = batch_logprobs(model, batch)
-        mx.eval(lp)
-        lp, n = np.array(lp), np.array(n)
-        cache.put([(c[1], float(lp[j]), int(n[j])) for j, c in enumerate(chunk)])
-        scores[i:i + len(chunk)] = np.stack([lp, n], axis=1)
-        done_tokens += int(sum(c[0] for c in chunk))
-        if progress:  # rank 0's count stands for all ranks': each is about this far
-            reached = min(i - rank * batch_size + world * batch_size, len(todo))
-            progress(reached - done, done_tokens * world)
-            done = reached
+        if chunk:
+            batch = make_batch([c[2] for c in chunk], range(len(chunk)))
+            lp, n = batch_logprobs(model, batch)
+            mx.eval(lp)
+            lp, n = np.array(lp), np.array(n)
+            cache.put([(c[1], float(lp[j]), int(n[j])) for j, c in enumerate(chunk)])
+            scores[i:i + len(chunk)] = np.stack([lp, n], axis=1)
+        done = np.array([len(chunk), sum(c[0] for c in chunk)], np.float64)
+        if world > 1:  # once a round: no rank waits long for another, and the bar shows them all
+            total = mx.distributed.all_sum(mx.array(done), group=group, stream=mx.cpu)
+            dist.wait(total, f"scoring (batch {first + 1} of {n_batches})")
+            done = np.array(total)
+        done_tokens += int(done[1])
+        if progress:
+            progress(int(done[0]), done_tokens)
     if world > 1 and todo:
-        from . import distributed as dist
-
         total = mx.distributed.all_sum(mx.array(scores), group=group, stream=mx.cpu)  # zeros elsewhere: exact
         dist.wait(total, "sharing aligned-model scores")
         total = np.array(total, np.float64)

@@ -22,6 +22,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from . import checkpoint as ckpt
+from . import distributed as dist
 from .config import TrainConfig
 from .losses import MetricMeter
 from .modeling import batch_logprobs, make_batch
@@ -95,39 +96,42 @@ def global_norm(batch_index: np.ndarray, data: Dataset, objective: str) -> float
 
 def evaluate(model, data: Dataset, objective_fn: Callable, objective: str, *, batch_size: int,
              max_batches: int = -1, group=None, beta=1.0, gamma=0.0) -> dict:
-    """Validation metrics over `data` (reduced across ranks): loss, CE, ppl, tau, win rate."""
+    """Validation metrics over `data`: loss, CE, ppl, tau, win rate.
+
+    With a `group`, rank r takes rows [r::world] of each batch and the sums are reduced
+    over the ranks (a rank whose share of the last batch is empty contributes nothing).
+    """
     world, rank = (group.size(), group.rank()) if group else (1, 0)
     was_training = model.training
     model.eval()
     meter = MetricMeter()
-    loss_sum = 0.0
-    groups = data.batches(batch_size, world)
+    groups = data.batches(batch_size)
     if max_batches > 0:
         groups = groups[:max_batches]
+    total_norm = 0.0
     for g in groups:
+        total_norm += global_norm(g, data, objective)
+        if len(g[rank::world]) == 0:
+            continue
         b = data.batch(g, rank, world)
         lp, n = batch_logprobs(model, b)
-        norm = global_norm(g, data, objective)
-        loss, metrics = objective_fn(lp, n, b.r_ref, norm=norm)
-        metrics["loss_sum"] = loss * norm
-        metrics["loss_norm"] = mx.array(norm / world, mx.float32)
-        if group is not None and world > 1:
-            metrics = {k: _reduce(k, v, group) for k, v in metrics.items()}
+        loss_sum, metrics = objective_fn(lp, n, b.r_ref, norm=1.0)
+        metrics["loss_sum"] = loss_sum
         mx.eval(metrics)
         meter.add(metrics)
+    if world > 1:
+        meter.sums = dist.reduce_metrics(meter.sums, metric_keys(objective_fn) + ["loss_sum"], "validating")
     if was_training:
         model.train()
     out = meter.summary()
-    out["loss"] = meter.sums.get("loss_sum", 0.0) / max(meter.sums.get("loss_norm", 1.0), 1e-12)
+    out["loss"] = meter.sums.get("loss_sum", 0.0) / max(total_norm, 1e-12)
     return out
 
 
-def _reduce(key, v, group):
-    if key == "tau_min":
-        return -mx.distributed.all_max(-v, group=group, stream=mx.cpu) if hasattr(mx.distributed, "all_max") else v
-    if key == "tau_max":
-        return mx.distributed.all_max(v, group=group, stream=mx.cpu) if hasattr(mx.distributed, "all_max") else v
-    return mx.distributed.all_sum(v, group=group, stream=mx.cpu)
+def metric_keys(objective_fn: Callable) -> list[str]:
+    """The metric names `objective_fn` reports (the same on every rank, whatever its data)."""
+    two = mx.array([-1.0, -1.0])  # two rows: DPO reads them as one (chosen, rejected) pair
+    return list(objective_fn(two, mx.array([1.0, 1.0]), two, norm=1.0)[1])
 
 
 class _StopFlag:
@@ -158,7 +162,7 @@ def train(model, optimizer, train_data: Dataset, val_data: Dataset | None, objec
           args: TrainConfig, objective: str, run_dir: Path, adapter_config: dict, resume: bool = False,
           reference: Callable | None = None, log: Callable = print, clear_cache_threshold: float = 0.0) -> dict:
     """Train `model` in place; returns the final validation metrics (or {})."""
-    group = mx.distributed.init()
+    group = dist.group()
     world, rank = group.size(), group.rank()
     main_rank = rank == 0
     accum = args.grad_accumulation_steps
@@ -181,14 +185,11 @@ def train(model, optimizer, train_data: Dataset, val_data: Dataset | None, objec
     state = {"step": 0, "best_val": None, "best_step": None, "bad_evals": 0, "skipped": 0}
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
-        path = ckpt.latest_checkpoint(run_dir)
-        if path is None:
-            raise FileNotFoundError(f"{run_dir}: no complete checkpoint to resume from")
-        state.update(ckpt.load_checkpoint(path, model, optimizer))
+        state.update(_resume(run_dir, model, optimizer, group))
         if main_rank:
             _truncate_metrics(metrics_path, state["step"])
             ckpt.clean_partial(run_dir)  # a checkpoint whose writing was cut off
-        log(f"resumed from {path} at step {state['step']}/{total_steps}")
+        log(f"resumed from {ckpt.latest_checkpoint(run_dir)} at step {state['step']}/{total_steps}")
 
     def write(record: dict) -> None:
         if main_rank:
@@ -223,6 +224,7 @@ def train(model, optimizer, train_data: Dataset, val_data: Dataset | None, objec
         return bool(args.early_stopping_patience) and state["bad_evals"] >= args.early_stopping_patience
 
     model.train()
+    keys = metric_keys(objective_fn)
     meter, window_tokens, window_time, losses = MetricMeter(), 0, 0.0, []
     window = state.pop("window", None) or {}
     losses = list(window.get("losses", []))  # global values; the sums are rank 0's own
@@ -235,9 +237,6 @@ def train(model, optimizer, train_data: Dataset, val_data: Dataset | None, objec
     with _StopFlag() as stop, Progress(total_steps, "train", enabled=main_rank) as bar:
         bar.n = step
         while step < total_steps:
-            if stop.signum is not None:
-                path = save(step)
-                raise Interrupted(f"stopped by signal {stop.signum} at step {step}; checkpoint {path}")
             tic = time.perf_counter()
             grads, loss_acc, tokens, step_metrics = None, 0.0, 0, []
             epoch, pos = divmod(step, len(groups))
@@ -254,9 +253,12 @@ def train(model, optimizer, train_data: Dataset, val_data: Dataset | None, objec
                 loss_acc += loss.item()
                 step_metrics.append(metrics)
                 tokens += int(metrics["n_tokens"].item())
-            if world > 1:
-                grads = tree_map(lambda x: mx.distributed.all_sum(x, group=group), grads)
-                loss_acc = mx.distributed.all_sum(mx.array(loss_acc), group=group, stream=mx.cpu).item()
+            stopping = stop.signum is not None
+            if world > 1:  # the ranks also agree on stopping: one rank's signal stops all at this step
+                grads = dist.sum_gradients(grads, group)
+                shared = mx.distributed.all_sum(mx.array([loss_acc, stopping], mx.float64), group=group, stream=mx.cpu)
+                dist.wait([grads, shared], f"summing gradients at step {step + 1}")
+                loss_acc, stopping = shared[0].item(), shared[1].item() > 0
             gnorm = optim.clip_grad_norm(grads, args.max_grad_norm)[1] if args.max_grad_norm else _norm(grads)
             if args.max_grad_norm:
                 grads = optim.clip_grad_norm(grads, args.max_grad_norm)[0]
@@ -278,21 +280,27 @@ def train(model, optimizer, train_data: Dataset, val_data: Dataset | None, objec
             if clear_cache_threshold and mx.get_cache_memory() > clear_cache_threshold * 1e9:
                 mx.clear_cache()
             step += 1
-            window_tokens += tokens * world
+            window_tokens += tokens * world  # for the progress bar; the log sums the ranks' counts
             window_time += time.perf_counter() - tic
             bar.advance(1, info=f"loss {loss_acc:.4f} | {window_tokens / max(window_time, 1e-9):.0f} tok/s | "
                                 f"peak {mx.get_peak_memory() / 1e9:.2f} GB")
             if step % args.steps_per_report == 0 or step == total_steps:
+                if world > 1:
+                    meter.sums = dist.reduce_metrics(meter.sums, keys, f"reducing metrics at step {step}")
                 m = meter.summary()
                 rec = {"split": "train", "step": step, "loss": float(np.mean(losses)) if losses else None, **m,
                        "lr": float(optimizer.learning_rate.item()), "grad_norm": _finite(gnorm.item()),
                        "skipped": state["skipped"],
-                       "tokens_per_sec": window_tokens / max(window_time, 1e-9),
+                       "tokens_per_sec": meter.sums.get("n_tokens", 0.0) / max(window_time, 1e-9),
                        "peak_memory_gb": mx.get_peak_memory() / 1e9, "epoch": step / len(groups)}
                 write(rec)
                 meter, window_tokens, window_time, losses = MetricMeter(), 0, 0.0, []
             if step % args.steps_per_eval == 0 and step != total_steps:
                 stopped_early = validate(step)
+            if stopping and not stopped_early:  # after this step's evaluation, which resuming would skip
+                path = save(step)
+                raise Interrupted(f"stopped by signal {stop.signum or 'on another rank'} at step {step}; "
+                                  f"checkpoint {path}")
             if step % args.steps_per_save == 0 and step != total_steps:
                 save(step)
             if stopped_early:
@@ -306,6 +314,28 @@ def train(model, optimizer, train_data: Dataset, val_data: Dataset | None, objec
     state["step"] = step
     save(step)
     return final
+
+
+def _resume(run_dir: Path, model, optimizer, group) -> dict:
+    """Load the latest checkpoint on rank 0 and send it to the other ranks, which need no
+    copy of the run folder (only its config.yaml, which the CLI reads)."""
+    if group.rank() == 0:
+        path = ckpt.latest_checkpoint(run_dir)
+        if path is None:
+            raise FileNotFoundError(f"{run_dir}: no complete checkpoint to resume from")
+        state = ckpt.load_checkpoint(path, model, optimizer)
+    else:
+        optimizer.init(model.trainable_parameters())
+        state = None
+    if group.size() > 1:
+        what = "receiving the checkpoint from rank 0"
+        params, opt_state, rng = dist.broadcast(
+            [model.trainable_parameters(), optimizer.state, [mx.random.state[0]]], what)
+        model.update(params)
+        optimizer.state = opt_state
+        ckpt.set_rng_key(rng[0])
+        state = dist.broadcast_json(state, what)
+    return state
 
 
 def _norm(grads) -> mx.array:

@@ -15,6 +15,11 @@ if [ "$(uname -s)" = "Linux" ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libopenblas0-pthread >/dev/null
   fi
+  # Open MPI's mpirun for tests/test_distributed.py (the ring-backend tests need nothing).
+  if [ $DEV = 1 ] && ! command -v mpirun >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq openmpi-bin >/dev/null
+  fi
 fi
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv

@@ -28,11 +28,12 @@ def _errors():
     from .config import ConfigError
     from .data import DataError
     from .distributed import PeerLost
+    from .modelref import ModelRefError
     from .references import MissingScores
     from .render import TemplateError
 
-    return (ConfigError, DataError, TemplateError, MissingScores, PeerLost, FileExistsError, FileNotFoundError,
-            ValueError)
+    return (ConfigError, DataError, TemplateError, MissingScores, PeerLost, ModelRefError, FileExistsError,
+            FileNotFoundError, ValueError)
 
 
 def _run(fn, *args, **kwargs):

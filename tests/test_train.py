@@ -179,3 +179,12 @@ def test_quantized_target_trains(setup, tiny_models):
     assert r.exit_code == 0, r.output
     saved = mx.load(str(tmp / "q" / "adapters" / "adapters.safetensors"))
     assert saved and all(k.endswith(("lora_a", "lora_b")) for k in saved)
+
+
+def test_unknown_model_reference_is_one_clear_error(setup, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tmp, cfg = setup
+    r = CliRunner().invoke(main, ["train", "-c", str(cfg), "--set", "model=no-such-org/no-such-model",
+                                  "--set", f"run_dir={tmp / 'm'}"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "no-such-org/no-such-model" in r.output

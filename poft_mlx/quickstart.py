@@ -14,7 +14,7 @@ from pathlib import Path
 from .config import Config, load_config
 
 QUICKSTART_CONFIG = Path(__file__).parent / "quickstart.yaml"
-SIZES = {"train": 48, "valid": 16, "test": 24}
+SIZES = {"train": 32, "valid": 8, "test": 16}
 
 
 def _fresh(out: Path) -> Path:

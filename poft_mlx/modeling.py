@@ -9,13 +9,14 @@ for a whole batch are never materialised (vocabularies of 150k-262k would domina
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import device
+from . import device, kernels
 
 LOGITS_BUDGET_BYTES = 256 * 2**20  # float32 logits held at once per chunk
 POSITION_BUCKET = 64
@@ -24,31 +25,58 @@ POSITION_BUCKET = 64
 # ------------------------------------------------------------------ quantized layers on CPU
 
 
+@lru_cache(maxsize=None)
+def _dequantized_matmul(group_size: int, bits: int, mode: str):
+    """x @ dequantize(w).T whose backward dequantizes again instead of keeping the float weights.
+
+    Autodiff would keep every expanded weight alive from the forward to the backward pass,
+    as much memory as the float32 model; the quantized weights are frozen (no gradient).
+    """
+
+    def expand(w, scales, biases, dtype):
+        return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode).astype(dtype)
+
+    @mx.custom_function
+    def matmul(x, w, scales, biases):
+        return x @ expand(w, scales, biases, x.dtype).T
+
+    @matmul.vjp
+    def matmul_vjp(primals, cotangent, output):
+        x, w, scales, biases = primals
+        return cotangent @ expand(w, scales, biases, x.dtype), mx.zeros_like(w), mx.zeros_like(scales), \
+            mx.zeros_like(biases)
+
+    return matmul
+
+
+def _dequantized(layer, x):
+    return _dequantized_matmul(layer.group_size, layer.bits, layer.mode)(
+        x, layer["weight"], layer["scales"], layer["biases"])
+
+
 class DequantizedLinear(nn.QuantizedLinear):
     """QuantizedLinear that dequantizes then runs a float32 matmul.
 
     On MLX's CPU backend quantized_matmul is ~30x slower than dequantize + BLAS sgemm
-    (platform.md); the weights stay packed in memory, only one layer is expanded at a time.
+    (platform.md); the weights stay packed in memory, only one layer is expanded at a time,
+    in the backward pass too (_dequantized_matmul).
     """
 
     def __call__(self, x):
-        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"),
-                          group_size=self.group_size, bits=self.bits, mode=self.mode)
-        x = x @ w.astype(x.dtype).T
+        x = _dequantized(self, x)
         return x + self["bias"] if "bias" in self else x
 
 
 class DequantizedEmbedding(nn.QuantizedEmbedding):
     def as_linear(self, x):
-        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"),
-                          group_size=self.group_size, bits=self.bits, mode=self.mode)
-        return x @ w.astype(x.dtype).T
+        return _dequantized(self, x)
 
 
 def use_dequantized_matmuls(model: nn.Module) -> int:
     """Swap quantized layers to their dequantize-then-matmul variants; returns the count."""
     n = 0
     for _, m in model.named_modules():
+        # affine mode only: the custom matmul takes (scales, biases)
         if type(m) is nn.QuantizedLinear and getattr(m, "mode", "affine") == "affine":
             m.__class__ = DequantizedLinear
             n += 1
@@ -188,35 +216,48 @@ def split_head(model: nn.Module):
 
 
 def _token_logprobs(head, h, targets):
-    logits = head(h).astype(mx.float32)
-    return mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1)
+    return kernels.token_logprobs(head, h, targets)
+
+
+def _head_frozen(model: nn.Module) -> bool:
+    from mlx.utils import tree_flatten
+
+    head = model.lm_head if "lm_head" in model else model.model.embed_tokens
+    return not tree_flatten(head.trainable_parameters())
 
 
 def batch_logprobs(model: nn.Module, batch: Batch, *, budget: int = LOGITS_BUDGET_BYTES, checkpoint: bool = False):
-    """Per-sample (lp_sum [B], n_tok [B]) over the supervised positions, float32."""
+    """Per-sample (lp_sum [B], n_tok [B]) over the supervised positions, float32.
+
+    When the supervised positions' logits exceed `budget`, the output layer runs in chunks
+    (kernels.chunked_logprobs); in training mode (model.training) with a frozen output
+    layer, each chunk's gradient is formed in its forward pass, so the backward pass keeps
+    no logits: peak memory does not grow with positions x vocabulary.
+    """
     inputs = batch.tokens[:, :-1]
     B, T = inputs.shape
     parts = split_head(model)
     if parts is None:
-        logits = model(inputs)
+        with kernels.patched(model):
+            logits = model(inputs)
         V = logits.shape[-1]
         flat = logits.reshape(B * T, V)[batch.pos].astype(mx.float32)
         lp = mx.take_along_axis(flat, batch.targets[:, None], axis=-1)[:, 0] - mx.logsumexp(flat, axis=-1)
     else:
         backbone, head = parts
-        h = backbone(inputs)
+        with kernels.patched(model):
+            h = backbone(inputs)
         hf = h.reshape(B * T, h.shape[-1])[batch.pos]
         vocab = _vocab_size(model)
         K = hf.shape[0]
-        chunk = max(POSITION_BUCKET, budget // (4 * vocab) // POSITION_BUCKET * POSITION_BUCKET)
-        if K <= chunk:
+        if K * vocab * 4 <= budget:  # one chunk: plain autodiff is fastest
             lp = _token_logprobs(head, hf, batch.targets)
         else:
-            # Memory-bounded: one chunk of logits at a time; in training, recompute in the
-            # backward pass (mx.checkpoint) rather than keep every chunk's logits alive.
-            fn = mx.checkpoint(lambda x, t: _token_logprobs(head, x, t)) if checkpoint else (
-                lambda x, t: _token_logprobs(head, x, t))
-            lp = mx.concatenate([fn(hf[i:i + chunk], batch.targets[i:i + chunk]) for i in range(0, K, chunk)])
+            with_grad = model.training and _head_frozen(model)
+            # Training forms a few chunks' transients at once (kernels.chunked_logprobs): smaller chunks.
+            per_chunk = budget // 4 if with_grad else budget
+            chunk = max(POSITION_BUCKET, per_chunk // (4 * vocab) // POSITION_BUCKET * POSITION_BUCKET)
+            lp = kernels.chunked_logprobs(head, hf, batch.targets, chunk, with_grad=with_grad, checkpoint=checkpoint)
     lp = lp * batch.valid
     onehot = (batch.row[None, :] == mx.arange(B)[:, None]).astype(mx.float32) * batch.valid[None, :]
     return onehot @ lp, batch.n_tok

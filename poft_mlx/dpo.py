@@ -24,8 +24,8 @@ import mlx.core as mx
 import numpy as np
 
 from .checkpoint import ADAPTER_CONFIG, ADAPTER_FILE
-from .config import Config, save_config
-from .data import fingerprint, read_jsonl
+from .config import Config
+from .data import read_jsonl
 from .losses import dpo_loss
 from .modeling import batch_logprobs, make_batch
 from .render import Renderer, fit_length
@@ -154,20 +154,11 @@ def _log(msg: str) -> None:
 
 def run_dpo(cfg: Config, *, resume: bool = False) -> Path:
     """Train the DPO stage; returns the run folder (the same layout as PoFT/SFT runs)."""
-    from . import device, modeling
-    from .pipeline import target_renderer
+    from . import modeling
+    from .pipeline import open_run, target_renderer
     from .trainer import build_optimizer, train
 
-    run_dir = Path(cfg.run_dir)
-    group = mx.distributed.init()
-    if not resume and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
-        raise FileExistsError(f"{run_dir} already holds a run; resume it with --resume {run_dir} "
-                              "or choose another run_dir")
-    device.set_memory_limits(cfg.system.memory_limit_gb, cfg.system.cache_limit_gb)
-    if group.rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "data_fingerprint.txt").write_text(fingerprint(cfg.data.train) + "\n")
+    run_dir, group = open_run(cfg, resume=resume)
     loaded = load_policy(cfg)
     renderer = target_renderer(loaded.tokenizer, cfg)
     train_data = prepare_pairs(cfg.data.train, renderer, cfg, log=_log)

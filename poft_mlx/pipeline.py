@@ -107,17 +107,11 @@ def _dataset(prep: Prepared, cfg: Config, need_ref: bool) -> Dataset:
     return Dataset(prep.samples, prep.encodings, r_ref)
 
 
-def run_train(cfg: Config, *, resume: bool = False) -> Path:
-    """Score (cached mode), then train; returns the run folder."""
-    import mlx.core as mx
+def open_run(cfg: Config, *, resume: bool):
+    """Check and create the run folder (rank 0 writes config and data fingerprint); returns (run_dir, group).
 
-    from . import modeling
-    from .trainer import build_optimizer, train
-
-    _require(cfg, aligned=cfg.objective == "poft")
-    if cfg.objective == "dpo":
-        from .dpo import run_dpo
-        return run_dpo(cfg, resume=resume)
+    Refuses to start a new run over an existing one, so nothing already done is lost.
+    """
     run_dir = Path(cfg.run_dir)
     dist.set_timeout(cfg.system.peer_timeout_s)
     group = dist.group()
@@ -129,6 +123,21 @@ def run_train(cfg: Config, *, resume: bool = False) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "data_fingerprint.txt").write_text(fingerprint(cfg.data.train) + "\n")
+    return run_dir, group
+
+
+def run_train(cfg: Config, *, resume: bool = False) -> Path:
+    """Score (cached mode), then train; returns the run folder."""
+    import mlx.core as mx
+
+    from . import modeling
+    from .trainer import build_optimizer, train
+
+    _require(cfg, aligned=cfg.objective == "poft")
+    if cfg.objective == "dpo":
+        from .dpo import run_dpo
+        return run_dpo(cfg, resume=resume)
+    run_dir, group = open_run(cfg, resume=resume)
     loaded = modeling.load(cfg.model, dtype=cfg.system.dtype, trust_remote_code=cfg.trust_remote_code)
     renderer = target_renderer(loaded.tokenizer, cfg)
     train_prep = prepare(cfg.data.train, renderer, cfg)

@@ -489,12 +489,20 @@ def section_quant(args, path, renderer, samples, report) -> dict:
         mx.eval(model.parameters())
         model.eval()
         row = {"name": mode, "weights_gb": weights / GB, "tokens": tokens}
+        reps = 1 if mode == "quantized_matmul" else 3  # best of `reps`; quantized_matmul is slow on CPU
+
+        def best(fn):
+            times = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                mx.eval(fn())
+                times.append(time.perf_counter() - t)
+            return min(times)
+
         release()
         mx.reset_peak_memory()
         mx.eval(modeling.batch_logprobs(model, batch)[0])  # warm-up
-        t = time.perf_counter()
-        mx.eval(modeling.batch_logprobs(model, batch)[0])
-        row["score_tok_s"] = tokens / (time.perf_counter() - t)
+        row["score_tok_s"] = tokens / best(lambda: modeling.batch_logprobs(model, batch)[0])
         row["score_peak_gb"] = mx.get_peak_memory() / GB
         mx.random.seed(args.seed)
         modeling.apply_adapters(model, AdapterConfig(rank=args.rank, num_layers=args.lora_layers))
@@ -502,9 +510,7 @@ def section_quant(args, path, renderer, samples, report) -> dict:
         step = nn.value_and_grad(model, lambda m: sft_loss(*modeling.batch_logprobs(m, batch))[0])
         release()
         mx.reset_peak_memory()
-        t = time.perf_counter()
-        mx.eval(step(model))
-        row["train_tok_s"] = tokens / (time.perf_counter() - t)
+        row["train_tok_s"] = tokens / best(lambda: step(model))
         row["train_peak_gb"] = mx.get_peak_memory() / GB
         rows.append(row)
         report(f"quant: {mode}: score {row['score_tok_s']:.0f} tok/s, train step {row['train_tok_s']:.0f} tok/s")

@@ -306,27 +306,32 @@ def section_train(args, path, renderer, samples, peaks, report) -> dict:
                 return run_poft("poft", path, nan, perm, args, reference=reference)
             runs["poft-mlx PoFT (resident r_ref)"] = resident
         # Rounds in alternating order, so that a drifting machine load favours no contender.
-        acc = {name: {"tokens": 0, "seconds": 0.0, "peak": 0.0, "same_batches": True} for name in runs}
+        # MFU per run is against the matmul rate sampled just before and after it (the load drifts).
+        acc = {name: {"tokens": 0, "seconds": 0.0, "peak_seconds": 0.0, "peak": 0.0, "same_batches": True}
+               for name in runs}
         flops = None
         for r in range(args.rounds):
             for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
                 report(f"training round {r + 1}/{args.rounds}: {name}")
+                before = peaks[-1]
                 clock, peak, info = runs[name]()
+                peaks.append(matmul_peak())
                 tokens, seconds = clock.window(args.warmup, args.steps)
                 a = acc[name]
                 a["tokens"] += tokens
                 a["seconds"] += seconds
+                a["peak_seconds"] += seconds * (before + peaks[-1]) / 2
                 a["peak"] = max(a["peak"], peak)
                 if isinstance(info, FlopCount):
                     flops = info
                 else:
                     a["same_batches"] &= info
-                peaks.append(matmul_peak())
         window_flops = sum(flops.train(L, K) for L, K in window_seqs) * args.rounds
         contenders = []
         for name, a in acc.items():
             c = {"name": name, "tokens": a["tokens"], "seconds": a["seconds"], "tok_s": a["tokens"] / a["seconds"],
-                 "peak_gb": a["peak"] / GB, "gflop_s": window_flops / a["seconds"] / 1e9}
+                 "peak_gb": a["peak"] / GB, "gflop_s": window_flops / a["seconds"] / 1e9,
+                 "mfu": window_flops / a["peak_seconds"]}
             if name.startswith("mlx-lm"):
                 c["same_batches"] = a["same_batches"]
             contenders.append(c)
@@ -388,6 +393,7 @@ def section_score(args, path, renderer, samples, peaks, report) -> dict:
         mx.eval(modeling.batch_logprobs(loaded.model, modeling.make_batch([encs[j] for j in groups[0]], groups[0]))[0])
         report(f"scoring: {len(timed)} batches of {B}, alternating poft-mlx and the plain pass")
         peaks.append(matmul_peak())
+        before = peaks[-1]
         for k, g in enumerate(timed):
             for name in (("poft", "plain") if k % 2 == 0 else ("plain", "poft")):
                 release()
@@ -397,6 +403,8 @@ def section_score(args, path, renderer, samples, peaks, report) -> dict:
                 times[name] += time.perf_counter() - t
                 peak_mem[name] = max(peak_mem[name], mx.get_peak_memory())
             tokens += sum(len(encs[j].tokens) for j in g)
+        peaks.append(matmul_peak())
+        local_peak = (before + peaks[-1]) / 2
     seqs = sequences([encs[j] for g in timed for j in g])
     model_flops = sum(flops.forward(L, K) for L, K in seqs)
     rows = []
@@ -404,7 +412,7 @@ def section_score(args, path, renderer, samples, peaks, report) -> dict:
                                                                              padding(1))):
         rows.append({"name": label, "tokens": tokens, "seconds": times[name], "tok_s": tokens / times[name],
                      "padding": pad, "peak_gb": peak_mem[name] / GB, "gflop_s": model_flops / times[name] / 1e9,
-                     })
+                     "mfu": model_flops / times[name] / local_peak})
     del loaded, stock
     release()
     return {"samples": len(encs), "batches_timed": len(timed), "batch_size": B, "contenders": rows,
@@ -574,21 +582,17 @@ def main(argv=None) -> int:
         res["train"] = section_train(args, path, renderer, samples, peaks, report)
     if "score" in args.sections:
         res["score"] = section_score(args, path, renderer, samples, peaks, report)
-        peaks.append(matmul_peak())
     if "vocab" in args.sections:
         res["vocab"] = section_vocab(args, report)
     if "quant" in args.sections:
         res["quant"] = section_quant(args, path, renderer, samples, report)
     peaks.append(matmul_peak())
     res["machine"] = {"machine": platform.machine(), "cores": os.cpu_count(), "mlx": mx.__version__,
-                      "device": str(mx.default_device()), "blas": _blas.LOADED, "peak_gflops": max(peaks) / 1e9,
+                      "device": str(mx.default_device()), "blas": _blas.LOADED,
+                      "peak_gflops": max(peaks) / 1e9, "peak_gflops_min": min(peaks) / 1e9,
                       "peak_samples": len(peaks), "peak_gflops_each": [round(x / 1e9, 1) for x in peaks],
                       "load_before": load_before, "load_after": os.getloadavg()[0],
                       "load_mean": float(np.mean(loads)) if loads else load_before}
-    # MFU against the best matmul rate seen in this process (sampled between contenders).
-    for sec in ("train", "score"):
-        for c in res.get(sec, {}).get("contenders", []):
-            c["mfu"] = c["gflop_s"] * 1e9 / max(peaks)
     res["targets"] = targets(res)
     print(render(res))
     if args.json_out:

@@ -53,8 +53,9 @@ def render(res) -> str:
              f"machine {m['machine']}, {m['cores']} cores, mlx {m['mlx']} ({m['device']}), BLAS {m['blas']}; "
              f"1-min load average {m['load_before']:.1f} at start, {m['load_mean']:.1f} mean, "
              f"{m['load_after']:.1f} at end",
-             f"float32 matmul peak (2048^2): {m['peak_gflops']:.1f} GFLOP/s (best of {m['peak_samples']}), "
-             f"MFU below is model FLOP/s over this peak (docs/benchmarks.md states the FLOP convention)", ""]
+             f"float32 2048^2 matmul rate: {m['peak_gflops_min']:.0f}-{m['peak_gflops']:.0f} GFLOP/s over "
+             f"{m['peak_samples']} samples; MFU = model FLOP/s over the rate sampled just before and after each run "
+             "(FLOP convention: docs/benchmarks.md)", ""]
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
     if res.get("train"):
         t = res["train"]

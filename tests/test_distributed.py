@@ -26,12 +26,11 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from poft_mlx.cli import main
 from poft_mlx.scoring import ScoreCache
-from tiny import gsm_like, write_jsonl
+from tiny import write_tiny_config
 
 pytestmark = pytest.mark.distributed
 
@@ -103,18 +102,13 @@ def invoke(*args):
 def ref(tmp_path_factory, tiny_models):
     """Data, a config, and the single-process score cache and run to compare against."""
     tmp = tmp_path_factory.mktemp("dist")
-    cfg = {
-        "model": str(tiny_models["target"]),
-        "chat_template": "gemma",
-        "aligned": [str(tiny_models["aligned_a"]), str(tiny_models["aligned_b"])],
-        "data": {"train": str(write_jsonl(tmp / "train.jsonl", gsm_like(24))),
-                 "valid": str(write_jsonl(tmp / "valid.jsonl", gsm_like(9, offset=100))), "max_seq_length": 96},
-        "adapter": {"rank": 4, "alpha": 8, "num_layers": -1},
-        "train": {"iters": 6, "batch_size": 4, "optimizer": "sgd", "learning_rate": 0.1, "steps_per_report": 1,
-                  "steps_per_eval": 3, "steps_per_save": 3, "lr_schedule": "constant"},
-        "score": {"batch_size": 3, "cache_dir": str(tmp / "cache1")},
-    }
-    (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    write_tiny_config(
+        tmp, tiny_models, n_valid=9,
+        adapter={"rank": 4, "alpha": 8, "num_layers": -1},
+        train={"iters": 6, "batch_size": 4, "optimizer": "sgd", "learning_rate": 0.1, "steps_per_report": 1,
+               "steps_per_eval": 3, "steps_per_save": 3, "lr_schedule": "constant"},
+        score={"batch_size": 3, "cache_dir": str(tmp / "cache1")},
+    )
     t0 = time.perf_counter()
     invoke("score", "-c", tmp / "cfg.yaml")
     invoke("train", "-c", tmp / "cfg.yaml", "--set", f"run_dir={tmp / 'run1'}")

@@ -25,13 +25,12 @@ from types import SimpleNamespace
 import mlx.core as mx
 import numpy as np
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from poft_mlx import checkpoint as ckpt
 from poft_mlx import device, trainer
 from poft_mlx.cli import main
-from tiny import gsm_like, write_jsonl
+from tiny import gsm_like, write_jsonl, write_tiny_config
 
 ITERS = 16  # 6 batches per epoch: the runs cross epoch boundaries
 POFT_MLX = Path(sys.executable).with_name("poft-mlx")
@@ -45,20 +44,14 @@ def invoke(*args):
 def env(tiny_models, tmp_path_factory):
     """The config every test resumes, and its uninterrupted run (in process)."""
     root = tmp_path_factory.mktemp("resume")
-    cfg = {
-        "model": str(tiny_models["target"]),
-        "chat_template": "gemma",
-        "aligned": [str(tiny_models["aligned_a"]), str(tiny_models["aligned_b"])],
-        "data": {"train": str(write_jsonl(root / "train.jsonl", gsm_like(24))),
-                 "valid": str(write_jsonl(root / "valid.jsonl", gsm_like(8, offset=100))), "max_seq_length": 96},
-        "adapter": {"rank": 4, "alpha": 8, "dropout": 0.1},
-        "train": {"iters": ITERS, "batch_size": 4, "learning_rate": 1e-2, "lr_schedule": "cosine", "warmup_steps": 3,
-                  "min_lr_ratio": 0.1, "steps_per_report": 1, "steps_per_eval": 4, "steps_per_save": 1, "keep_last": 2},
+    path = write_tiny_config(
+        root, tiny_models,
+        adapter={"rank": 4, "alpha": 8, "dropout": 0.1},
+        train={"iters": ITERS, "batch_size": 4, "learning_rate": 1e-2, "lr_schedule": "cosine", "warmup_steps": 3,
+               "min_lr_ratio": 0.1, "steps_per_report": 1, "steps_per_eval": 4, "steps_per_save": 1, "keep_last": 2},
         # Shared by the module's runs (and subprocesses): scored once.
-        "score": {"batch_size": 4, "cache_dir": str(root / "scores")},
-    }
-    path = root / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+        score={"batch_size": 4, "cache_dir": str(root / "scores")},
+    )
     ref = root / "reference"
     r = invoke("train", "-c", path, "--set", f"run_dir={ref}")
     assert r.exit_code == 0, r.output

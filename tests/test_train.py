@@ -5,29 +5,21 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from poft_mlx.cli import main
-from tiny import gsm_like, matmul_tol, write_jsonl
+from tiny import matmul_tol, write_tiny_config
 
 
 @pytest.fixture
 def setup(tmp_path, tiny_models):
-    train = write_jsonl(tmp_path / "train.jsonl", gsm_like(24))
-    valid = write_jsonl(tmp_path / "valid.jsonl", gsm_like(8, offset=100))
-    cfg = {
-        "model": str(tiny_models["target"]),
-        "chat_template": "gemma",
-        "aligned": [str(tiny_models["aligned_a"]), str(tiny_models["aligned_b"])],
-        "data": {"train": str(train), "valid": str(valid), "max_seq_length": 96},
-        "adapter": {"rank": 4, "alpha": 8, "num_layers": -1},
-        "train": {"iters": 6, "batch_size": 4, "learning_rate": 1e-2, "steps_per_report": 2,
-                  "steps_per_eval": 3, "steps_per_save": 3, "lr_schedule": "constant"},
-        "score": {"batch_size": 4},
-    }
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = write_tiny_config(
+        tmp_path, tiny_models,
+        adapter={"rank": 4, "alpha": 8, "num_layers": -1},
+        train={"iters": 6, "batch_size": 4, "learning_rate": 1e-2, "steps_per_report": 2,
+               "steps_per_eval": 3, "steps_per_save": 3, "lr_schedule": "constant"},
+        score={"batch_size": 4},
+    )
     return tmp_path, path
 
 

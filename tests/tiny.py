@@ -109,3 +109,25 @@ def matmul_tol(cpu: float) -> float:
     from poft_mlx.device import backend
 
     return cpu if backend() != "cuda" else max(cpu, 2e-3)
+
+
+def write_tiny_config(root: Path, models: dict, *, n_valid: int = 8, **sections) -> Path:
+    """The shared end-to-end config: the tiny target and both aligned models on GSM-like data.
+
+    Writes train.jsonl (24 records), valid.jsonl and cfg.yaml into `root`; each keyword is a
+    config section (e.g. ``train={...}``) or key that the calling test sets.
+    """
+    import yaml
+
+    cfg = {
+        "model": str(models["target"]),
+        "chat_template": "gemma",
+        "aligned": [str(models["aligned_a"]), str(models["aligned_b"])],
+        "data": {"train": str(write_jsonl(root / "train.jsonl", gsm_like(24))),
+                 "valid": str(write_jsonl(root / "valid.jsonl", gsm_like(n_valid, offset=100))),
+                 "max_seq_length": 96},
+        **sections,
+    }
+    path = root / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

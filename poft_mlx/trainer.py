@@ -7,6 +7,7 @@ each data-parallel rank takes every world-size-th row), then applies one update.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -158,7 +159,32 @@ class _StopFlag:
         return False
 
 
-def train(model, optimizer, train_data: Dataset, val_data: Dataset | None, objective_fn: Callable, *,
+@contextlib.contextmanager
+def _grad_checkpointing(model, enabled: bool):
+    """mlx-lm's grad_checkpoint patches the block *class*; undo it afterwards, or every later
+    model of that architecture in the process (reference models, the next run) stays patched,
+    which redraws dropout masks in the backward pass."""
+    if not enabled:
+        yield
+        return
+    from mlx_lm.tuner.trainer import grad_checkpoint
+
+    cls = type(model.layers[0])
+    original = cls.__call__
+    grad_checkpoint(model.layers[0])
+    try:
+        yield
+    finally:
+        cls.__call__ = original
+
+
+def train(model, *positional, args: TrainConfig, **kwargs) -> dict:
+    """Train `model` in place (see _train); returns the final validation metrics (or {})."""
+    with _grad_checkpointing(model, args.grad_checkpoint):
+        return _train(model, *positional, args=args, **kwargs)
+
+
+def _train(model, optimizer, train_data: Dataset, val_data: Dataset | None, objective_fn: Callable, *,
           args: TrainConfig, objective: str, run_dir: Path, adapter_config: dict, resume: bool = False,
           reference: Callable | None = None, log: Callable = print, clear_cache_threshold: float = 0.0) -> dict:
     """Train `model` in place; returns the final validation metrics (or {})."""
@@ -173,10 +199,6 @@ def train(model, optimizer, train_data: Dataset, val_data: Dataset | None, objec
         raise ValueError(f"the training set ({len(train_data)} samples) is smaller than one batch "
                          f"({args.batch_size * accum})")
     total_steps = args.iters or max((args.epochs or 1) * len(groups), 1)
-    if args.grad_checkpoint:
-        from mlx_lm.tuner.trainer import grad_checkpoint
-        grad_checkpoint(model.layers[0])
-
     def loss_fn(model, batch, norm):
         lp, n = batch_logprobs(model, batch, checkpoint=args.grad_checkpoint)
         return objective_fn(lp, n, batch.r_ref, norm=norm)

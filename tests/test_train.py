@@ -155,6 +155,9 @@ def test_gradient_checkpointing_gives_the_same_losses(setup):
     assert invoke("train", "-c", cfg, "--set", f"run_dir={tmp / 'ckpt'}", "--set", "train.grad_checkpoint=true",
                   *common).exit_code == 0
     assert [m["loss"] for m in metrics(tmp / "plain")] == pytest.approx([m["loss"] for m in metrics(tmp / "ckpt")], rel=1e-5)
+    # The patch of the block class is undone: later models of the same architecture are unaffected.
+    from mlx_lm.models.gemma3_text import TransformerBlock
+    assert TransformerBlock.__call__.__name__ != "checkpointed_fn"
 
 
 def test_quantized_target_trains(setup, tiny_models):

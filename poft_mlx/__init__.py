@@ -1,8 +1,10 @@
 """poft-mlx: Preference-Oriented Supervised Fine-Tuning (arXiv 2412.12865) on MLX."""
 
 from ._blas import preload as _preload_blas
+from ._malloc import tune as _tune_malloc
 
-# Must happen before anything imports mlx (see _blas.py).
+# Must happen before anything imports mlx (see _blas.py) or allocates much (see _malloc.py).
 _preload_blas()
+_tune_malloc()
 
 __version__ = "0.1.0"

@@ -215,10 +215,6 @@ def split_head(model: nn.Module):
     return inner, head
 
 
-def _token_logprobs(head, h, targets):
-    return kernels.token_logprobs(head, h, targets)
-
-
 def _head_frozen(model: nn.Module) -> bool:
     from mlx.utils import tree_flatten
 
@@ -242,22 +238,19 @@ def batch_logprobs(model: nn.Module, batch: Batch, *, budget: int = LOGITS_BUDGE
             logits = model(inputs)
         V = logits.shape[-1]
         flat = logits.reshape(B * T, V)[batch.pos].astype(mx.float32)
-        lp = mx.take_along_axis(flat, batch.targets[:, None], axis=-1)[:, 0] - mx.logsumexp(flat, axis=-1)
+        lp = mx.take_along_axis(flat, batch.targets[:, None], axis=-1)[:, 0] - kernels.logsumexp(flat)
     else:
         backbone, head = parts
         with kernels.patched(model):
             h = backbone(inputs)
         hf = h.reshape(B * T, h.shape[-1])[batch.pos]
         vocab = _vocab_size(model)
-        K = hf.shape[0]
-        if K * vocab * 4 <= budget:  # one chunk: plain autodiff is fastest
-            lp = _token_logprobs(head, hf, batch.targets)
-        else:
-            with_grad = model.training and _head_frozen(model)
-            # Training forms a few chunks' transients at once (kernels.chunked_logprobs): smaller chunks.
-            per_chunk = budget // 4 if with_grad else budget
-            chunk = max(POSITION_BUCKET, per_chunk // (4 * vocab) // POSITION_BUCKET * POSITION_BUCKET)
-            lp = kernels.chunked_logprobs(head, hf, batch.targets, chunk, with_grad=with_grad, checkpoint=checkpoint)
+        # Training with a frozen output layer forms each chunk's input gradient in the forward
+        # pass (kernels.chunked_logprobs), a few chunks' transients at once: smaller chunks.
+        with_grad = model.training and _head_frozen(model)
+        per_chunk = budget // 4 if with_grad else budget
+        chunk = max(POSITION_BUCKET, per_chunk // (4 * vocab) // POSITION_BUCKET * POSITION_BUCKET)
+        lp = kernels.chunked_logprobs(head, hf, batch.targets, chunk, with_grad=with_grad, checkpoint=checkpoint)
     lp = lp * batch.valid
     onehot = (batch.row[None, :] == mx.arange(B)[:, None]).astype(mx.float32) * batch.valid[None, :]
     return onehot @ lp, batch.n_tok

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import device, kernels
 
-LOGITS_BUDGET_BYTES = 256 * 2**20  # float32 logits held at once per chunk
+LOGITS_BUDGET_BYTES = 256 * 2**20  # float32 [positions, vocab] transients held at once per chunk
 POSITION_BUCKET = 64
 
 
@@ -215,6 +215,21 @@ def split_head(model: nn.Module):
     return inner, head
 
 
+def _expanded_once(head, budget: int):
+    """A quantized output layer dequantized once per batch instead of once per chunk and pass,
+    when its float32 copy fits `budget` (the head is frozen: no gradient flows to it)."""
+    layer = getattr(head, "__self__", head)  # the embedding, for a tied head's bound as_linear
+    if not isinstance(layer, (DequantizedLinear, DequantizedEmbedding)):
+        return head
+    rows, packed = layer["weight"].shape
+    if rows * packed * 32 // layer.bits * 4 > budget:
+        return head
+    w = mx.stop_gradient(mx.dequantize(layer["weight"], layer["scales"], layer["biases"], group_size=layer.group_size,
+                                       bits=layer.bits, mode=layer.mode))
+    bias = layer["bias"] if isinstance(layer, DequantizedLinear) and "bias" in layer else None
+    return (lambda x: x @ w.astype(x.dtype).T + bias) if bias is not None else (lambda x: x @ w.astype(x.dtype).T)
+
+
 def _head_frozen(model: nn.Module) -> bool:
     from mlx.utils import tree_flatten
 
@@ -225,8 +240,8 @@ def _head_frozen(model: nn.Module) -> bool:
 def batch_logprobs(model: nn.Module, batch: Batch, *, budget: int = LOGITS_BUDGET_BYTES, checkpoint: bool = False):
     """Per-sample (lp_sum [B], n_tok [B]) over the supervised positions, float32.
 
-    When the supervised positions' logits exceed `budget`, the output layer runs in chunks
-    (kernels.chunked_logprobs); in training mode (model.training) with a frozen output
+    The output layer runs in chunks of positions whose [positions, vocab] transients stay
+    within `budget` (kernels.chunked_logprobs); in training mode (model.training) with a frozen output
     layer, each chunk's gradient is formed in its forward pass, so the backward pass keeps
     no logits: peak memory does not grow with positions x vocabulary.
     """
@@ -241,14 +256,15 @@ def batch_logprobs(model: nn.Module, batch: Batch, *, budget: int = LOGITS_BUDGE
         lp = mx.take_along_axis(flat, batch.targets[:, None], axis=-1)[:, 0] - kernels.logsumexp(flat)
     else:
         backbone, head = parts
+        head = _expanded_once(head, budget)
         with kernels.patched(model):
             h = backbone(inputs)
         hf = h.reshape(B * T, h.shape[-1])[batch.pos]
         vocab = _vocab_size(model)
-        # Training with a frozen output layer forms each chunk's input gradient in the forward
-        # pass (kernels.chunked_logprobs), a few chunks' transients at once: smaller chunks.
+        # `budget` bounds a chunk's [positions, vocab] transients: logits, exp and, in training
+        # with a frozen output layer, d lp / d logits formed in the forward pass (kernels).
         with_grad = model.training and _head_frozen(model)
-        per_chunk = budget // 4 if with_grad else budget
+        per_chunk = budget // (6 if with_grad else 4)
         chunk = max(POSITION_BUCKET, per_chunk // (4 * vocab) // POSITION_BUCKET * POSITION_BUCKET)
         lp = kernels.chunked_logprobs(head, hf, batch.targets, chunk, with_grad=with_grad, checkpoint=checkpoint)
     lp = lp * batch.valid

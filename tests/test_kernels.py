@@ -171,8 +171,16 @@ def test_dequantized_matmuls_match_quantized_matmul():
     mx.eval(model.parameters())
     b = batch(256, [40, 33])
     ref_loss, ref_grads = loss_and_grads(model, b)
+    model.eval()
+    ref_lp = modeling.batch_logprobs(model, b)[0]
+    model.train()
     assert modeling.use_dequantized_matmuls(model) == 2 * 7 + 1  # 7 linears per block + the tied head
-    loss, grads = loss_and_grads(model, b)
-    assert loss == pytest.approx(ref_loss, rel=matmul_tol(1e-5))
-    for k in ref_grads:
-        close(grads[k], ref_grads[k], rel=1e-4)
+    # The head dequantized once per batch (fits the budget), or per chunk (a budget smaller than it).
+    for kw in ({}, {"budget": 32 * 1024}):
+        loss, grads = loss_and_grads(model, b, **kw)
+        assert loss == pytest.approx(ref_loss, rel=matmul_tol(1e-5))
+        for k in ref_grads:
+            close(grads[k], ref_grads[k], rel=1e-4)
+        model.eval()
+        close(modeling.batch_logprobs(model, b, **kw)[0], ref_lp)
+        model.train()

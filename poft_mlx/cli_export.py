@@ -17,6 +17,12 @@ def _export():  # mlx loads only for the commands that need it
     return export
 
 
+def _peft_export():
+    from . import peft_export
+
+    return peft_export
+
+
 @click.command("fuse")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.argument("out_dir", type=click.Path(path_type=Path))
@@ -35,7 +41,7 @@ def fuse(run_dir: Path, out_dir: Path, keep_quantization: bool, no_check: bool, 
         report = export.fuse_run(run_dir, out_dir, dequantize=not keep_quantization, check=not no_check,
                                  tol=tol, base=base)
         if peft_dir is not None:
-            export.export_peft(run_dir, peft_dir, base=base)
+            _peft_export().export_peft(run_dir, peft_dir, base=base)
     except export.ExportError as e:
         raise click.ClickException(str(e)) from None
     state = "dequantized" if report.dequantized else "kept quantized" if report.quantized_base else "float"
@@ -62,7 +68,7 @@ def export_peft(run_dir: Path, out_dir: Path, base_model_name: str | None, base:
     """Write RUN_DIR's LoRA/DoRA adapter to OUT_DIR in PEFT's format."""
     export = _export()
     try:
-        config = export.export_peft(run_dir, out_dir, base_model_name=base_model_name, base=base)
+        config = _peft_export().export_peft(run_dir, out_dir, base_model_name=base_model_name, base=base)
     except export.ExportError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"wrote {out_dir}: r={config['r']}, lora_alpha={config['lora_alpha']}, "

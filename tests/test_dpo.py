@@ -9,11 +9,12 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
+from mlx_lm.tuner.utils import load_adapters
 
 from poft_mlx import modeling
 from poft_mlx.cli import main
 from poft_mlx.config import AdapterConfig, load_config
-from poft_mlx.dpo import dpo_objective, prepare_pairs, reference_logprobs
+from poft_mlx.dpo import dpo_objective, load_policy, prepare_pairs, reference_logprobs
 from poft_mlx.pipeline import target_renderer
 from tiny import matmul_tol, write_jsonl
 
@@ -169,6 +170,20 @@ def test_poft_then_dpo_through_the_cli(dpo_setup, tiny_models):
     assert abs(table[str(tmp / "dpo")]["ce"] - table[str(tmp / "poft")]["ce"]) > 1e-3
     assert json.loads((tmp / "dpo" / "adapters" / "adapter_config.json").read_text())["poft_mlx"]["init_adapters"] \
         == str(tmp / "poft" / "adapters")
+    # Export: the fused DPO model is base + PoFT stage + DPO stage, not base + DPO adapters.
+    _invoke("fuse", tmp / "dpo", tmp / "fused")
+    policy = load_policy(load_config([tmp / "dpo" / "config.yaml"]), str(tmp / "dpo" / "adapters")).model
+    without_init = modeling.load(str(tiny_models["target"])).model
+    load_adapters(without_init, str(tmp / "dpo" / "adapters"))
+    fused = modeling.load(str(tmp / "fused")).model
+    for m in (policy, without_init, fused):
+        m.eval()
+    tokens = mx.array([[2, 17, 33, 5, 60, 8, 91, 12]])
+    want = np.array(policy(tokens))
+    assert np.abs(np.array(fused(tokens)) - want).max() <= matmul_tol(1e-5) * np.abs(want).max()
+    assert np.abs(np.array(without_init(tokens)) - want).max() > 1e-3  # the PoFT stage matters
+    r = CliRunner().invoke(main, ["export-peft", str(tmp / "dpo"), str(tmp / "peft")])
+    assert r.exit_code == 1 and "init_adapters" in r.output and "poft-mlx fuse" in r.output
 
 
 def test_init_adapters_must_exist(dpo_setup):

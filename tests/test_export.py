@@ -26,7 +26,8 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load_model, quantize_model, save_config
 
 from poft_mlx.cli import main
-from poft_mlx.export import ExportError, FuseCheckError, export_peft, fuse_run, open_run
+from poft_mlx.export import ExportError, FuseCheckError, fuse_run, open_run
+from poft_mlx.peft_export import export_peft
 
 WORDS = (
     "the quick brown fox jumps over lazy dog while farmer watches from porch write a short poem about "

@@ -6,6 +6,8 @@
 Sections (--sections, default all; docs/benchmarks.md explains every number):
   train   tokens/s and peak memory of poft-mlx PoFT (cached r_ref), poft-mlx SFT and mlx-lm's own
           LoRA trainer (SFT), each fed the same batches in the same order
+  long    PoFT (cached) and mlx-lm at full length: every sequence --max-len tokens (consecutive
+          records joined into multi-turn chats); the training MFU target is read here
   score   poft-mlx scoring (score_samples) against a plain batched forward pass on the same tokens
   memory  PoFT with the aligned model resident (scored each step) against cached scores
   vocab   peak memory of a training step at a 262k vocabulary as the batch grows (synthetic model)
@@ -49,7 +51,7 @@ from poft_mlx.trainer import Dataset
 
 from benchmark_report import render, targets
 
-SECTIONS = ("train", "score", "memory", "vocab", "quant")
+SECTIONS = ("train", "long", "score", "memory", "vocab", "quant")
 GB = 1e9
 
 
@@ -77,6 +79,25 @@ def read_samples(path: Path) -> list[Sample]:
     if problems:
         raise DataError(problems)
     return samples
+
+
+def full_length_chats(samples, renderer, length: int, count: int) -> list[Sample]:
+    """`count` multi-turn chats of consecutive records, each exactly `length` tokens once its
+    last reply is cut (every assistant turn supervised). A chat whose cut would fall before
+    its last reply starts is skipped."""
+    chats, turns = [], []
+    for s in samples:
+        turns += s.messages
+        chat = Sample(list(turns), f"{s.source} (joined)")
+        if len(fit_length(chat, renderer, 10**9, "truncate")[1].tokens) < length:
+            continue
+        turns = []
+        cut, enc, _ = fit_length(chat, renderer, length, "truncate")
+        if cut is not None and len(enc.tokens) == length:
+            chats.append(cut)
+            if len(chats) == count:
+                return chats
+    raise ValueError(f"the data make only {len(chats)} chats of {length} tokens; {count} needed")
 
 
 def encode_all(samples, renderer, max_len):
@@ -262,12 +283,16 @@ def run_mlx_lm(path, encs, perm, args, kernels: bool = False) -> tuple[Clock, fl
     return clock, peak, same
 
 
-def section_train(args, path, renderer, samples, peaks, report) -> dict:
-    """PoFT (cached), SFT and mlx-lm on the same batches; PoFT resident in the memory section."""
+def section_train(args, path, renderer, samples, peaks, report, *, long: bool = False) -> dict:
+    """PoFT (cached), SFT and mlx-lm on the same batches; PoFT resident in the memory section.
+
+    long: PoFT (cached) and mlx-lm only, on chats of exactly --max-len tokens."""
     from poft_mlx.references import ResidentReference, open_aligned
     from poft_mlx.scoring import lookup, score_samples
 
     n = (args.warmup + args.steps + 1) * args.batch_size
+    if long:
+        samples = full_length_chats(samples, renderer, args.max_len, n)
     train_samples, encs = encode_all(samples[:n * 2], renderer, args.max_len)
     train_samples, encs = train_samples[:n], encs[:n]
     lengths = sorted(len(e.tokens) for e in encs)
@@ -283,7 +308,7 @@ def section_train(args, path, renderer, samples, peaks, report) -> dict:
         cfg = Config(model=str(path), aligned=[AlignedModel(model=args.aligned or str(path))],
                      score=ScoreConfig(cache_dir=cache_dir))
         runs = {}
-        if "train" in args.sections:
+        if "train" in args.sections or long:
             handle = open_aligned(cfg, cfg.aligned[0])
             aligned = modeling.load(str(handle.path))
             report(f"scoring {len(train_samples)} training samples with the aligned model (cached r_ref)")
@@ -292,14 +317,15 @@ def section_train(args, path, renderer, samples, peaks, report) -> dict:
             release()
             data = Dataset(train_samples, encs, lookup(handle.cache, train_samples)[0].astype(np.float32))
             runs["poft-mlx PoFT (cached r_ref)"] = lambda: run_poft("poft", path, data, perm, args)
-            runs["poft-mlx SFT"] = lambda: run_poft("sft", path, data, perm, args)
+            if not long:
+                runs["poft-mlx SFT"] = lambda: run_poft("sft", path, data, perm, args)
             runs["mlx-lm lora SFT"] = lambda: run_mlx_lm(path, encs, perm, args)
-            if args.attribution:
+            if args.attribution and not long:
                 runs["poft-mlx PoFT, MLX's own ops (no CPU kernels)"] = lambda: run_poft("poft", path, data, perm, args,
                                                                                         kernels=False)
                 runs["mlx-lm lora SFT + poft-mlx CPU kernels"] = lambda: run_mlx_lm(path, encs, perm, args,
                                                                                     kernels=True)
-        if "memory" in args.sections:
+        if "memory" in args.sections and not long:
             def resident():
                 reference = ResidentReference(cfg)
                 nan = Dataset(train_samples, encs, np.full(len(encs), np.nan, np.float32))
@@ -580,6 +606,8 @@ def main(argv=None) -> int:
            "steps": args.steps, "rounds": args.rounds}
     if "train" in args.sections or "memory" in args.sections:
         res["train"] = section_train(args, path, renderer, samples, peaks, report)
+    if "long" in args.sections:
+        res["long"] = section_train(args, path, renderer, samples, peaks, report, long=True)
     if "score" in args.sections:
         res["score"] = section_score(args, path, renderer, samples, peaks, report)
     if "vocab" in args.sections:

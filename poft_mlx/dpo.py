@@ -171,7 +171,8 @@ def run_dpo(cfg: Config, *, resume: bool = False) -> Path:
         val_data.r_ref = reference_logprobs(loaded.model, val_data, cfg.train.batch_size)
     mx.random.seed(cfg.train.seed)
     adapter_config = {"model": str(loaded.path), **modeling.apply_adapters(loaded.model, cfg.adapter)}
-    adapter_config["poft_mlx"] = {"target": cfg.model, "objective": "dpo", "init_adapters": cfg.init_adapters}
+    init = str(Path(cfg.init_adapters).resolve()) if cfg.init_adapters else None  # fuse may run elsewhere
+    adapter_config["poft_mlx"] = {"target": cfg.model, "objective": "dpo", "init_adapters": init}
     accum = cfg.train.grad_accumulation_steps
     n_groups = len(train_data.batches(cfg.train.batch_size * accum, group.size() * accum))
     total = cfg.train.iters or max((cfg.train.epochs or 1) * n_groups, 1)

@@ -169,7 +169,7 @@ def test_poft_then_dpo_through_the_cli(dpo_setup, tiny_models):
     assert val[-1]["ce_chosen"] == pytest.approx(table[str(tmp / "dpo")]["ce"], rel=matmul_tol(1e-5))
     assert abs(table[str(tmp / "dpo")]["ce"] - table[str(tmp / "poft")]["ce"]) > 1e-3
     assert json.loads((tmp / "dpo" / "adapters" / "adapter_config.json").read_text())["poft_mlx"]["init_adapters"] \
-        == str(tmp / "poft" / "adapters")
+        == str((tmp / "poft" / "adapters").resolve())
     # Export: the fused DPO model is base + PoFT stage + DPO stage, not base + DPO adapters.
     _invoke("fuse", tmp / "dpo", tmp / "fused")
     policy = load_policy(load_config([tmp / "dpo" / "config.yaml"]), str(tmp / "dpo" / "adapters")).model

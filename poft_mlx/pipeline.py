@@ -169,18 +169,11 @@ def run_eval(cfg: Config, data: str, adapter_path: str | None) -> dict:
     """CE, perplexity, PoFT loss, tau and win rate on `data` for a model (+ adapters)."""
     from functools import partial as _p
 
-    from mlx_lm.tuner.utils import load_adapters
-
-    from . import modeling
+    from .dpo import load_policy
     from .trainer import evaluate
 
     dist.set_timeout(cfg.system.peer_timeout_s)
-    loaded = modeling.load(cfg.model, dtype=cfg.system.dtype, trust_remote_code=cfg.trust_remote_code)
-    if cfg.init_adapters:  # a DPO run's starting point: fuse it first (dpo.py)
-        from .dpo import fuse_adapters
-        fuse_adapters(loaded.model, cfg.init_adapters, loaded.path)
-    if adapter_path:
-        load_adapters(loaded.model, adapter_path)
+    loaded = load_policy(cfg, adapter_path)  # a DPO run's init_adapters fused first
     renderer = target_renderer(loaded.tokenizer, cfg)
     prep = prepare(data, renderer, cfg)
     ds = _dataset(prep, cfg, bool(cfg.aligned))

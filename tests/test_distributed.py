@@ -16,6 +16,7 @@ per-rank batch shapes. Scores are bit for bit the single-process ones (same batc
 import ctypes.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -182,7 +183,10 @@ def test_a_killed_rank_makes_the_other_exit_with_a_clear_error(ref):
     elapsed = time.monotonic() - t0
     print(f"rank 0 exited {elapsed:.2f} s after rank 1 was killed")
     assert rc == 1 and elapsed < 30, err
-    assert "Error: rank 0 of 2: lost the connection to another rank while summing gradients at step" in err
+    # The kill lands in whichever collective the training loop was in: the step's gradient sum,
+    # or the metrics reduction of a report step (steps_per_report); each names its step.
+    assert re.search(r"Error: rank 0 of 2: lost the connection to another rank while "
+                     r"(summing gradients|reducing metrics) at step \d+", err), err
     assert "Traceback" not in err
 
 

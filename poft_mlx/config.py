@@ -266,6 +266,14 @@ def check_bounds(cfg: Config) -> Config:
             value = getattr(getattr(cfg, section), name)
             if value is not None and not ok(value):
                 problems.append(f"{key}: must be {what}, got {value!r}")
+    # r_ref = sum_j w_j r_j / sum_j w_j: a negative weight rewards a sample the aligned model
+    # finds unlikely, and an all-zero sum makes every r_ref NaN (0 / 0).
+    for i, a in enumerate(cfg.aligned):
+        if a.weight < 0:
+            problems.append(f"aligned[{i}].weight: must be at least 0, got {a.weight!r} (model {a.model})")
+    if cfg.aligned and all(a.weight >= 0 for a in cfg.aligned) and sum(a.weight for a in cfg.aligned) <= 0:
+        problems.append(f"aligned[*].weight: the weights of the {len(cfg.aligned)} aligned model(s) sum to 0; "
+                        "at least one must be positive (r_ref is their weighted mean)")
     if problems:
         raise ConfigError("; ".join(problems))
     return cfg

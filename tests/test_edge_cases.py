@@ -1,0 +1,23 @@
+"""Edge cases of issue 16: each test fails on the code before its fix."""
+
+import pytest
+
+from poft_mlx.config import ConfigError, load_config
+
+
+@pytest.mark.parametrize("aligned, needle", [
+    ("[{model: a, weight: 0}, {model: b, weight: 0}]", "aligned[*].weight: the weights of the 2 aligned model(s) sum to 0"),
+    ("[{model: a, weight: 0}]", "aligned[*].weight"),
+    ("[{model: a, weight: 2}, {model: b, weight: -1}]", "aligned[1].weight: must be at least 0, got -1.0 (model b)"),
+])
+def test_aligned_weights_are_bounds_checked(aligned, needle, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config([], [f"aligned={aligned}"])
+    assert needle in str(e.value)
+    f = tmp_path / "w.yaml"
+    f.write_text(f"aligned: {aligned}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config([f])
+    assert str(f) in str(e.value) and needle in str(e.value)
+    # A zero weight next to a positive one is fine: that model is simply left out of r_ref.
+    assert [a.weight for a in load_config([], ["aligned=[{model: a, weight: 0}, {model: b}]"]).aligned] == [0.0, 1.0]

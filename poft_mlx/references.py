@@ -15,7 +15,7 @@ import numpy as np
 
 from .config import AlignedModel, Config
 from .render import Renderer
-from .scoring import ScoreCache, cache_key, combine, home, lookup, missing_indices, score_samples
+from .scoring import ScoreCache, cache_key, combine, home, lookup, missing_indices, score_dtype, score_samples
 
 
 class MissingScores(RuntimeError):
@@ -42,7 +42,7 @@ def open_aligned(cfg: Config, spec: AlignedModel) -> AlignedHandle:
     renderer = Renderer(tok, chat_template=spec.chat_template, span=cfg.data.span,
                         template_kwargs=cfg.data.template_kwargs, label=f"aligned model {spec.model}")
     key, desc = cache_key(model_identity(path), renderer.template, cfg.data.span,
-                          cfg.data.template_kwargs, cfg.score.max_seq_length)
+                          cfg.data.template_kwargs, cfg.score.max_seq_length, score_dtype(cfg.system.dtype))
     desc["ref"] = spec.model
     root = cfg.score.cache_dir or home() / "scores"
     return AlignedHandle(spec, path, renderer, ScoreCache(root, key, desc))

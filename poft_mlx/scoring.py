@@ -1,8 +1,8 @@
 """Aligned-model scores: token-mean log-likelihoods over the supervised span, cached on disk.
 
 The cache is content-addressed. A model's folder is named by a hash of the model's
-identity (weights, tokenizer, config), its chat template, the span policy and the
-template arguments; inside, each entry is keyed by the sample's content id. Entries are
+identity (weights, tokenizer, config), the compute dtype, its chat template, the span
+policy and the template arguments; inside, each entry is keyed by the sample's content id. Entries are
 appended as checksummed JSON lines to a shard file owned by one process, so two
 processes (or data-parallel ranks) never write the same file, an interrupted run loses
 at most the batch in flight, and a corrupt or truncated line is detected and rescored.
@@ -26,10 +26,31 @@ def home() -> Path:
     return Path(os.environ.get("POFT_MLX_HOME", Path.home() / ".cache" / "poft-mlx"))
 
 
-def cache_key(identity: str, template: str | None, span: str, template_kwargs: dict, max_len) -> tuple[str, dict]:
+def score_dtype(requested: str) -> str:
+    """The dtype an aligned model scores in, as far as it is known before loading it.
+
+    Scores in bfloat16 and float32 differ (by ~1e-3 on a tiny model), so they must not share
+    a cache. 'auto' off the CPU computes in the model's own dtype, which the model identity
+    (its weights) already pins.
+    """
+    from .device import backend
+
+    if requested != "auto":
+        return requested
+    return "float32" if backend() == "cpu" else "model"
+
+
+def cache_key(identity: str, template: str | None, span: str, template_kwargs: dict, max_len,
+              dtype: str) -> tuple[str, dict]:
+    """The cache folder's name and description; `dtype` is score_dtype()'s answer.
+
+    Every field is hashed, so a cache written before a field existed is another folder
+    (scored afresh), never misread.
+    """
     desc = {
         "format": SCORE_FORMAT,
         "model": identity,
+        "dtype": dtype,
         "template_sha256": hashlib.sha256((template or "").encode()).hexdigest(),
         "span": span,
         "template_kwargs": template_kwargs,

@@ -21,3 +21,22 @@ def test_aligned_weights_are_bounds_checked(aligned, needle, tmp_path):
     assert str(f) in str(e.value) and needle in str(e.value)
     # A zero weight next to a positive one is fine: that model is simply left out of r_ref.
     assert [a.weight for a in load_config([], ["aligned=[{model: a, weight: 0}, {model: b}]"]).aligned] == [0.0, 1.0]
+
+
+def test_the_compute_dtype_is_part_of_the_score_cache_key(tiny_models, tmp_path):
+    from poft_mlx.config import AlignedModel, Config
+    from poft_mlx.device import backend
+    from poft_mlx.references import open_aligned
+
+    def handle(dtype):
+        cfg = Config(aligned=[AlignedModel(str(tiny_models["aligned_a"]))])
+        cfg.system.dtype, cfg.score.cache_dir = dtype, str(tmp_path / "scores")
+        return open_aligned(cfg, cfg.aligned[0])
+
+    f32, bf16 = handle("float32"), handle("bfloat16")
+    f32.cache.put([("some-sample", -12.5, 5)])
+    assert bf16.cache.dir != f32.cache.dir
+    assert handle("bfloat16").cache.get("some-sample") is None  # scored again in bfloat16, not reused
+    assert handle("float32").cache.get("some-sample") == (-12.5, 5)
+    if backend() == "cpu":  # 'auto' computes in float32 there: the same scores, the same cache
+        assert handle("auto").cache.dir == f32.cache.dir

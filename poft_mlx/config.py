@@ -73,7 +73,7 @@ class TrainConfig:
     max_grad_norm: Optional[float] = None
     steps_per_report: int = 10
     steps_per_eval: int = 100
-    val_batches: int = -1  # -1 = the whole validation set
+    val_batches: int = -1  # -1 = the whole validation set; N > 0: N batches of a seeded sample of it
     steps_per_save: int = 100
     keep_last: int = 2
     early_stopping_patience: int = 0  # evaluations without improvement; 0 = off

@@ -29,7 +29,7 @@ from .data import read_jsonl
 from .losses import dpo_loss
 from .modeling import batch_logprobs, make_batch
 from .render import Renderer, fit_length
-from .trainer import Dataset
+from .trainer import Dataset, eval_groups
 
 
 @dataclass
@@ -39,11 +39,8 @@ class PairDataset(Dataset):
 
     rejected: list = field(default_factory=list)
 
-    def batches(self, batch_size: int, world: int = 1) -> list[np.ndarray]:
-        lengths = [max(len(c.tokens), len(r.tokens)) for c, r in zip(self.encodings, self.rejected)]
-        order = np.argsort(lengths, kind="stable")
-        groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        return [g for g in groups if len(g) >= world]
+    def lengths(self) -> np.ndarray:
+        return np.array([max(len(c.tokens), len(r.tokens)) for c, r in zip(self.encodings, self.rejected)], np.int64)
 
     def batch(self, index: np.ndarray, rank: int = 0, world: int = 1):
         mine = np.asarray(index)[rank::world]
@@ -70,16 +67,19 @@ def dpo_objective(lp_sum, n_tok, ref, *, beta: float = 0.1, norm=None):
     return loss, metrics
 
 
-def reference_logprobs(model, data: PairDataset, batch_size: int) -> np.ndarray:
+def reference_logprobs(model, data: PairDataset, batch_size: int, max_batches: int = -1, seed: int = 0) -> np.ndarray:
     """[N, 2] summed log-likelihoods of (chosen, rejected) under `model` in eval mode.
 
-    Batches are grouped exactly as trainer.evaluate groups them, so a policy equal to the
-    reference reproduces these numbers bit for bit on the validation set (loss log 2).
+    Batches are grouped exactly as trainer.evaluate groups them (with the same `max_batches`
+    and `seed`), so a policy equal to the reference reproduces these numbers bit for bit on
+    the validation set (loss log 2); the pairs an evaluation leaves out come after.
     """
     was_training = model.training
     model.eval()
     out = np.full((len(data), 2), np.nan, np.float32)
-    for g in data.batches(batch_size):
+    groups = eval_groups(data, batch_size, max_batches, seed)
+    rest = np.setdiff1d(np.arange(len(data)), np.concatenate(groups))
+    for g in groups + (data.batches(batch_size, among=rest) if len(rest) else []):
         lp, _ = batch_logprobs(model, data.batch(g))
         mx.eval(lp)
         lp = np.array(lp)
@@ -168,7 +168,8 @@ def run_dpo(cfg: Config, *, resume: bool = False) -> Path:
     _log(f"reference log-likelihoods of {len(train_data)} pairs")
     train_data.r_ref = reference_logprobs(loaded.model, train_data, cfg.train.batch_size)
     if val_data is not None:
-        val_data.r_ref = reference_logprobs(loaded.model, val_data, cfg.train.batch_size)
+        val_data.r_ref = reference_logprobs(loaded.model, val_data, cfg.train.batch_size,
+                                            cfg.train.val_batches, cfg.train.seed)
     mx.random.seed(cfg.train.seed)
     adapter_config = {"model": str(loaded.path), **modeling.apply_adapters(loaded.model, cfg.adapter)}
     init = str(Path(cfg.init_adapters).resolve()) if cfg.init_adapters else None  # fuse may run elsewhere

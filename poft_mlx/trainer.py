@@ -49,9 +49,14 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def batches(self, batch_size: int, world: int = 1) -> list[np.ndarray]:
-        """Length-sorted groups, so that padding stays small; the order is shuffled per epoch."""
-        order = np.argsort([len(e.tokens) for e in self.encodings], kind="stable")
+    def lengths(self) -> np.ndarray:
+        """Tokens per sample (the padded length of its rows): what batching sorts by."""
+        return np.array([len(e.tokens) for e in self.encodings], np.int64)
+
+    def batches(self, batch_size: int, world: int = 1, among=None) -> list[np.ndarray]:
+        """Length-sorted groups of the samples `among` (default all), so that padding stays small."""
+        idx = np.arange(len(self)) if among is None else np.sort(np.asarray(among, np.int64))
+        order = idx[np.argsort(self.lengths()[idx], kind="stable")]
         groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         return [g for g in groups if len(g) >= world]
 
@@ -95,9 +100,22 @@ def global_norm(batch_index: np.ndarray, data: Dataset, objective: str) -> float
     return float(len(batch_index))
 
 
+def eval_groups(data: Dataset, batch_size: int, max_batches: int = -1, seed: int = 0) -> list[np.ndarray]:
+    """The batches an evaluation takes: all of `data`, or `max_batches` batches of a seeded
+    sample of it, the same sample at every evaluation so that the losses compare.
+
+    Not the first batches of the length-sorted set: those hold only its shortest samples.
+    """
+    if max_batches <= 0 or max_batches * batch_size >= len(data):
+        return data.batches(batch_size)
+    pick = np.random.default_rng([seed, 0x76616C]).choice(len(data), max_batches * batch_size, replace=False)
+    return data.batches(batch_size, among=pick)
+
+
 def evaluate(model, data: Dataset, objective_fn: Callable, objective: str, *, batch_size: int,
-             max_batches: int = -1, group=None, beta=1.0, gamma=0.0) -> dict:
-    """Validation metrics over `data`: loss, CE, ppl, tau, win rate.
+             max_batches: int = -1, group=None, beta=1.0, gamma=0.0, seed: int = 0) -> dict:
+    """Validation metrics over `data` (or a seeded sample of `max_batches`; eval_groups):
+    loss, CE, ppl, tau, win rate.
 
     With a `group`, rank r takes rows [r::world] of each batch and the sums are reduced
     over the ranks (a rank whose share of the last batch is empty contributes nothing).
@@ -106,9 +124,7 @@ def evaluate(model, data: Dataset, objective_fn: Callable, objective: str, *, ba
     was_training = model.training
     model.eval()
     meter = MetricMeter()
-    groups = data.batches(batch_size)
-    if max_batches > 0:
-        groups = groups[:max_batches]
+    groups = eval_groups(data, batch_size, max_batches, seed)
     total_norm = 0.0
     for g in groups:
         total_norm += global_norm(g, data, objective)
@@ -234,7 +250,7 @@ def _train(model, optimizer, train_data: Dataset, val_data: Dataset | None, obje
         if val_data is None or len(val_data) == 0:
             return False
         m = evaluate(model, val_data, objective_fn, objective, batch_size=args.batch_size,
-                     max_batches=args.val_batches, group=group)
+                     max_batches=args.val_batches, group=group, seed=args.seed)
         write({"split": "val", "step": step, **m})
         log(f"val   step {step}: " + _fmt(m))
         if state["best_val"] is None or m["loss"] < state["best_val"]:

@@ -40,3 +40,59 @@ def test_the_compute_dtype_is_part_of_the_score_cache_key(tiny_models, tmp_path)
     assert handle("float32").cache.get("some-sample") == (-12.5, 5)
     if backend() == "cpu":  # 'auto' computes in float32 there: the same scores, the same cache
         assert handle("auto").cache.dir == f32.cache.dir
+
+
+def _dataset(lengths, r_ref=None):
+    import numpy as np
+
+    from poft_mlx.data import Sample
+    from poft_mlx.render import Encoded
+    from poft_mlx.trainer import Dataset
+
+    encs = [Encoded(np.arange(n, dtype=np.int32) % 7, np.arange(n) > 0) for n in lengths]
+    samples = [Sample([{"role": "assistant", "content": str(i)}], f"f:{i + 1}") for i in range(len(lengths))]
+    r = np.zeros(len(lengths), np.float32) if r_ref is None else r_ref
+    return Dataset(samples, encs, r)
+
+
+class _Model:
+    training = True
+
+    def eval(self):
+        self.training = False
+
+    def train(self):
+        self.training = True
+
+
+def test_val_batches_takes_a_seeded_sample_not_the_shortest(monkeypatch):
+    import numpy as np
+
+    from poft_mlx import trainer
+    from poft_mlx.losses import sft_loss
+
+    lengths = np.array([2 + (7 * i) % 40 for i in range(40)])  # 40 distinct lengths, in no order
+    data = _dataset(lengths)
+    seen = []
+
+    def fake_logprobs(model, batch, **kw):
+        seen.append(batch.index.tolist())
+        return -batch.n_tok, batch.n_tok
+
+    monkeypatch.setattr(trainer, "batch_logprobs", fake_logprobs)
+
+    def evaluated(max_batches, seed=0):
+        seen.clear()
+        trainer.evaluate(_Model(), data, sft_loss, "sft", batch_size=4, max_batches=max_batches, seed=seed)
+        return [i for b in seen for i in b]
+
+    picked = evaluated(2)
+    assert len(picked) == 8 == len(set(picked))
+    shortest = np.argsort(lengths)[:8]
+    assert set(picked) != set(shortest.tolist())
+    assert lengths[picked].max() > lengths[shortest].max()
+    assert evaluated(2) == picked  # the same sample at every evaluation: the losses compare
+    assert evaluated(2, seed=1) != picked
+    for b in seen:  # still length-sorted batches
+        assert list(lengths[b]) == sorted(lengths[b])
+    assert sorted(evaluated(-1)) == list(range(40)) == sorted(evaluated(10))

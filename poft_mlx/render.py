@@ -2,7 +2,8 @@
 
 The span is every assistant turn (or only the last), each turn's content plus the
 end-of-turn token that closes it (so the model learns to stop). It is found in
-characters from prefix renderings of the conversation, then mapped to tokens through
+characters by rendering the conversation up to each reply with a placeholder in the
+reply's place (never by searching the reply's text), then mapped to tokens through
 the tokenizer's offsets, so it is the same text span for every model and template.
 """
 
@@ -21,6 +22,11 @@ BUILTIN_TEMPLATES = ("gemma", "chatml", "zephyr")
 
 class TemplateError(ValueError):
     pass
+
+
+# Stands in for a reply when locating it (Renderer.turns): private-use characters, which no
+# template adds, trims or escapes.
+PLACEHOLDER = "\ue000poft-mlx reply\ue001"
 
 
 def resolve_template(spec: str | None) -> str | None:
@@ -93,20 +99,34 @@ class Renderer:
             indices = indices[-1:]
         turns = []
         for i in indices:
-            before = self.apply(messages[:i], True) if i else ""
+            # The reply is located by rendering, not by searching its text: a short reply
+            # ("is") also occurs in the template's own markup ("assistant"), and a template
+            # may ignore add_generation_prompt. Rendering a placeholder reply in its place
+            # gives the text before and after it exactly.
             through = self.apply(messages[: i + 1], False)
-            if not (full.startswith(through) and through.startswith(before)):
+            probe = self.apply(messages[:i] + [{"role": "assistant", "content": PLACEHOLDER}], False)
+            if probe.count(PLACEHOLDER) != 1:
+                raise TemplateError(
+                    f"{self.label}: the chat template renders the assistant reply of message {i} "
+                    f"{probe.count(PLACEHOLDER)} times; the supervised span cannot be located"
+                )
+            k = probe.index(PLACEHOLDER)
+            head, tail = probe[:k], probe[k + len(PLACEHOLDER):]
+            if not (full.startswith(through) and through.startswith(head) and through.endswith(tail)
+                    and len(head) + len(tail) <= len(through)):
                 raise TemplateError(
                     f"{self.label}: the chat template does not render conversations "
-                    f"prefix-consistently at message {i}; the supervised span cannot be located"
+                    f"prefix-consistently at message {i} (the conversation up to a reply is not "
+                    "the start of the conversation with it); the supervised span cannot be located"
                 )
+            rendered = through[len(head):len(through) - len(tail)]
             content = messages[i]["content"].strip()
-            pos = through.find(content, len(before))
-            if pos < 0:
+            if rendered.strip() != content:
                 raise TemplateError(
                     f"{self.label}: the chat template changes the assistant content of "
                     f"message {i}; the supervised span cannot be located"
                 )
+            pos = len(head) + len(rendered) - len(rendered.lstrip())
             turns.append(Turn(i, pos, pos + len(content), len(through)))
         return full, turns
 

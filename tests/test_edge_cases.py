@@ -96,3 +96,51 @@ def test_val_batches_takes_a_seeded_sample_not_the_shortest(monkeypatch):
     for b in seen:  # still length-sorted batches
         assert list(lengths[b]) == sorted(lengths[b])
     assert sorted(evaluated(-1)) == list(range(40)) == sorted(evaluated(10))
+
+
+# ChatML that ignores add_generation_prompt (no assistant header after the prompt).
+CHATML_NO_GENERATION_PROMPT = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+)
+
+
+@pytest.fixture(scope="module")
+def chatml_tok(tmp_path_factory):
+    from mlx_lm.utils import load_tokenizer
+
+    from tiny import make_tokenizer
+
+    folder = tmp_path_factory.mktemp("chatml")
+    make_tokenizer(folder, 300, CHATML_NO_GENERATION_PROMPT)
+    return load_tokenizer(folder)
+
+
+@pytest.mark.parametrize("reply", ["is", "a", "t", "assistant"])
+def test_a_reply_that_occurs_in_the_assistant_header_is_located_in_the_reply(chatml_tok, reply):
+    from poft_mlx.data import Sample
+    from poft_mlx.render import Renderer
+
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": reply},
+            {"role": "user", "content": "and?"}, {"role": "assistant", "content": reply}]
+    r = Renderer(chatml_tok)
+    enc = r.encode(Sample(conv))
+    assert r.tok.decode(enc.tokens[enc.mask].tolist()) == f"{reply}<|im_end|>{reply}<|im_end|>"
+    full, turns = r.turns(conv)
+    assert [full[t.content_start:t.content_end] for t in turns] == [reply, reply]
+    assert all(full[:t.content_start].endswith("<|im_start|>assistant\n") for t in turns)
+
+
+def test_a_template_that_is_not_prefix_consistent_is_a_clear_error(chatml_tok):
+    from poft_mlx.data import Sample
+    from poft_mlx.render import Renderer, TemplateError
+
+    counted = "{{ messages | length }}" + CHATML_NO_GENERATION_PROMPT  # the count changes the start
+    with pytest.raises(TemplateError, match="target m: the chat template does not render conversations "
+                                            "prefix-consistently at message 1"):
+        Renderer(chatml_tok, chat_template=counted, label="target m").encode(
+            Sample([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "is"},
+                    {"role": "user", "content": "and?"}, {"role": "assistant", "content": "a"}]))
+    twice = CHATML_NO_GENERATION_PROMPT + "{{ messages[-1]['content'] }}"
+    with pytest.raises(TemplateError, match="aligned model a: .* renders the assistant reply of message 1 2 times"):
+        Renderer(chatml_tok, chat_template=twice, label="aligned model a").encode(
+            Sample([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "is"}]))

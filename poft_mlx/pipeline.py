@@ -38,11 +38,16 @@ class Prepared:
 def prepare(path: str, renderer: Renderer, cfg: Config) -> Prepared:
     """Read, check, and fit every record to max_seq_length with the target's template."""
     samples, encodings = [], []
-    counts = {"records": 0, "ok": 0, "truncated": 0, "dropped": 0, "dropped_records": []}
+    # shortened: a conversation cut in a later prompt keeps the replies before it, whole.
+    counts = {"records": 0, "ok": 0, "truncated": 0, "shortened": 0, "dropped": 0,
+              "shortened_records": [], "dropped_records": []}
     for s in read_jsonl(path):
         counts["records"] += 1
-        fitted, enc, status = fit_length(s, renderer, cfg.data.max_seq_length, cfg.data.overlength)
+        fitted, enc, status = fit_length(s, renderer, cfg.data.max_seq_length, cfg.data.overlength,
+                                         earlier_replies=True)
         counts[status] += 1
+        if status == "shortened":
+            counts["shortened_records"].append(s.source)
         if fitted is None:
             counts["dropped_records"].append(s.source)
             continue
@@ -52,7 +57,8 @@ def prepare(path: str, renderer: Renderer, cfg: Config) -> Prepared:
         encodings.append(enc)
     if not samples:
         raise ValueError(f"{path}: every record was dropped (max_seq_length={cfg.data.max_seq_length})")
-    log(f"{path}: {counts['records']} records, {counts['truncated']} truncated, {counts['dropped']} dropped "
+    log(f"{path}: {counts['records']} records, {counts['truncated']} truncated, "
+        f"{counts['shortened']} shortened to their earlier replies, {counts['dropped']} dropped "
         f"(max_seq_length {cfg.data.max_seq_length}, policy {cfg.data.overlength})")
     return Prepared(samples, encodings, counts)
 

@@ -168,12 +168,18 @@ class Renderer:
         return None
 
 
-def fit_length(sample: Sample, renderer: Renderer, max_len: int, policy: str) -> tuple[Sample | None, Encoded | None, str]:
+def fit_length(sample: Sample, renderer: Renderer, max_len: int, policy: str, *,
+               earlier_replies: bool = False) -> tuple[Sample | None, Encoded | None, str]:
     """Fit a sample into `max_len` tokens of `renderer`'s encoding.
 
-    Returns (sample, encoded, status) with status 'ok', 'truncated' or 'dropped'.
+    Returns (sample, encoded, status) with status 'ok', 'truncated', 'shortened' or 'dropped'.
     Truncation cuts the text of the response tail (so every model scores the same,
     shorter, text) and the cut reply is not closed by an end-of-turn token.
+
+    earlier_replies: when the cut falls outside any reply (in a later prompt) or leaves
+    nothing of the reply it falls in, keep the conversation up to the last whole reply
+    that fits ('shortened') instead of dropping it. Only with span 'all', where those
+    replies are supervised; not for preference pairs, whose last reply is the point.
     """
     enc = renderer.encode(sample)
     if len(enc.tokens) <= max_len:
@@ -186,12 +192,10 @@ def fit_length(sample: Sample, renderer: Renderer, max_len: int, policy: str) ->
     for _ in range(8):  # re-tokenising a cut text can shift a boundary token; shrink and retry
         cut = offsets[keep - 1][1]
         where = renderer.char_to_turn(sample, cut)
-        if where is None:
-            return None, None, "dropped"  # the cut falls outside any reply (a long prompt)
-        i, off = where
-        content = sample.messages[i]["content"][:off].rstrip()
-        if not content:
-            return None, None, "dropped"
+        content = sample.messages[where[0]]["content"][:where[1]].rstrip() if where else ""
+        if not content:  # the cut falls outside any reply (a long prompt), or at its very start
+            break
+        i = where[0]
         msgs = [dict(m) for m in sample.messages[:i]] + [{"role": "assistant", "content": content}]
         new = Sample(msgs, sample.source, {**sample.meta, "truncated": True})
         enc = renderer.encode(new)
@@ -200,4 +204,17 @@ def fit_length(sample: Sample, renderer: Renderer, max_len: int, policy: str) ->
         keep -= max(1, len(enc.tokens) - max_len)
         if keep < 2:
             break
+    if earlier_replies and renderer.span == "all":
+        return _whole_replies(sample, renderer, max_len)
+    return None, None, "dropped"
+
+
+def _whole_replies(sample: Sample, renderer: Renderer, max_len: int):
+    """The conversation up to its last assistant reply that fits, whole, in `max_len` tokens."""
+    ends = [i for i, m in enumerate(sample.messages) if m["role"] == "assistant"][:-1]
+    for i in reversed(ends):  # the last reply is the one that did not fit
+        new = Sample([dict(m) for m in sample.messages[:i + 1]], sample.source, dict(sample.meta))
+        enc = renderer.encode(new)
+        if len(enc.tokens) <= max_len and enc.n_target > 0:
+            return new, enc, "shortened"
     return None, None, "dropped"

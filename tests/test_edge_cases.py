@@ -144,3 +144,33 @@ def test_a_template_that_is_not_prefix_consistent_is_a_clear_error(chatml_tok):
     with pytest.raises(TemplateError, match="aligned model a: .* renders the assistant reply of message 1 2 times"):
         Renderer(chatml_tok, chat_template=twice, label="aligned model a").encode(
             Sample([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "is"}]))
+
+
+def test_a_conversation_cut_in_a_later_prompt_keeps_its_earlier_replies(chatml_tok, tmp_path):
+    from poft_mlx.config import Config
+    from poft_mlx.data import Sample
+    from poft_mlx.pipeline import prepare
+    from poft_mlx.render import Renderer
+    from tiny import write_jsonl
+
+    long_question = "What is two plus three? " * 20
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there!"},
+            {"role": "user", "content": long_question}, {"role": "assistant", "content": "It is 5."}]
+    short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    path = write_jsonl(tmp_path / "train.jsonl", [{"messages": short}, {"messages": conv}])
+    r = Renderer(chatml_tok)
+    first = len(r.encode(Sample(conv[:2])).tokens)
+    cfg = Config()
+    cfg.data.max_seq_length = first + 10  # the cut falls inside the long second question
+    prep = prepare(str(path), r, cfg)
+    assert len(prep.samples) == 2
+    kept, enc = prep.samples[1], prep.encodings[1]
+    assert kept.messages == conv[:2] and not kept.meta.get("truncated")
+    # The kept reply is whole: closed by its end-of-turn token.
+    assert r.tok.decode(enc.tokens[enc.mask].tolist()) == "Hello there!<|im_end|>"
+    assert prep.report["shortened"] == 1 and prep.report["shortened_records"] == [f"{path}:2"]
+    assert prep.report["dropped"] == 0 and prep.report["ok"] == 1
+    # With span 'last' the earlier replies are not supervised: nothing to keep.
+    r_last = Renderer(chatml_tok, span="last")
+    prep = prepare(str(path), r_last, cfg)
+    assert len(prep.samples) == 1 and prep.report["dropped_records"] == [f"{path}:2"]

@@ -10,7 +10,14 @@ summing would pass), and it amplifies float noise. Measured (2 CPU cores, tiny m
 6 steps): with SGD at lr 0.1, per-step losses and metrics within 2e-5 relative and final
 adapters within 7e-6 absolute (lora_b up to 0.12); with AdamW at lr 1e-2 the same runs
 drift to 1e-4..1.4e-3 relative by step 6. The difference is float noise from the smaller
-per-rank batch shapes. Scores are bit for bit the single-process ones (same batches).
+per-rank batch shapes. Scores under mlx.launch are bit for bit the single-process ones (same
+batches, and each rank's OpenBLAS runs as many threads as the single process). Under mpirun
+they are not: Open MPI binds each rank to one core, so OpenBLAS runs 1 thread where the single
+process runs 2, and OpenBLAS's Haswell/Zen sgemm kernels give thread-count-dependent results
+(measured with OPENBLAS_CORETYPE=Haswell: a [7, 576] x [576, 49152] product differs by up to
+7e-5 between 1 and 2 threads; the SkylakeX kernel this VM picks by default agrees bit for bit,
+which is why the exact check passed on one machine and failed on another). mpirun scores are
+compared within SCORE_RTOL on the same uid set and the same token counts.
 """
 
 import ctypes.util
@@ -38,6 +45,9 @@ pytestmark = pytest.mark.distributed
 BIN = Path(sys.executable).parent
 LAUNCH_TIMEOUT = 240
 LOSS_RTOL, ADAPTER_ATOL = 3e-4, 1e-4  # about 15x what was measured
+# mpirun vs 1 process, lp_sum of |lp| ~ 70-150 (Haswell kernel, 1 vs 2 BLAS threads): measured
+# up to 1.5e-5 absolute = 1.1e-7 relative (1-2 float32 ulps); 1e-6 relative is ~9x that.
+SCORE_RTOL = 1e-6
 
 
 def free_ports(n: int) -> list[int]:
@@ -87,6 +97,17 @@ def scores(cache_dir: Path) -> dict:
     """{model: {uid: (lp_sum, n_tok)}} over every shard of a score cache."""
     return {json.loads((d / "meta.json").read_text())["ref"]: ScoreCache(cache_dir, d.name).entries
             for d in sorted(cache_dir.iterdir())}
+
+
+def assert_scores_close(got: dict, want: dict, rtol: float = SCORE_RTOL) -> None:
+    """Same models, same uids, same token counts; lp_sum within `rtol` (see module docstring)."""
+    assert got.keys() == want.keys()
+    for model in want:
+        assert got[model].keys() == want[model].keys(), model
+        for uid, (lp, n) in want[model].items():
+            g_lp, g_n = got[model][uid]
+            assert g_n == n, (model, uid)
+            assert abs(g_lp - lp) <= rtol * abs(lp), (model, uid, g_lp, lp)
 
 
 def metrics(run: Path) -> list[dict]:
@@ -236,4 +257,5 @@ def test_mpirun_score_gives_the_single_process_scores(ref):
                        capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count('"samples": 24') == 1, r.stdout
-    assert scores(ref / "cache5") == scores(ref / "cache1")
+    # Not bit for bit: each rank runs 1 OpenBLAS thread here (module docstring).
+    assert_scores_close(scores(ref / "cache5"), scores(ref / "cache1"))

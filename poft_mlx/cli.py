@@ -105,24 +105,54 @@ def train(configs, overrides, resume):
 @click.option("--data", required=True, type=click.Path(dir_okay=False, exists=True), help="Held-out JSONL file.")
 @click.option("--base/--no-base", default=True, help="Also evaluate the target without adapters.")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Write the table as JSON here.")
+@click.option("--generate", "gen", is_flag=True,
+              help="Also generate a reply to every held-out prompt with every model and compare them: accuracy, "
+                   "the aligned models' likelihood of the replies, length, paired bootstrap intervals.")
+@click.option("--out", "out_dir", default="eval", show_default=True, type=click.Path(file_okay=False),
+              help="With --generate: folder for eval.md, eval.json and eval.html.")
+@click.option("--answer", default="auto", show_default=True,
+              help="With --generate: how to check answers: gsm8k (the final number), none, re:PATTERN "
+                   "(applied to reply and reference; the last match's first group), auto (gsm8k when every "
+                   "reference has '#### N').")
+@click.option("--max-tokens", default=256, show_default=True, help="With --generate: most tokens per reply.")
+@click.option("--gen-batch-size", default=8, show_default=True, help="With --generate: prompts decoded together.")
+@click.option("--temp", "temperature", default=0.0, show_default=True, help="With --generate: 0 = greedy.")
+@click.option("--limit", type=int, default=None, help="Only the first N held-out records.")
 @click.argument("runs", nargs=-1, type=click.Path(file_okay=False, exists=True))
-def eval_cmd(configs, overrides, data, base, json_out, runs):
+def eval_cmd(configs, overrides, data, base, json_out, gen, out_dir, answer, max_tokens, gen_batch_size,
+             temperature, limit, runs):
     """Compare the base model and RUNS (run folders) on held-out data, side by side."""
+    from dataclasses import replace
+
     from .config import read_yaml
     from .distributed import is_main
     from .pipeline import run_eval
 
-    rows = {}
     first = _run(read_yaml, Path(runs[0]) / "config.yaml") if runs else None
-    if base:
+    models = {}
+    if base:  # the target as it was before any stage: no init_adapters either
         cfg = _load(configs, overrides, first)
-        rows["base"] = _run(run_eval, cfg, data, None)
+        models["base"] = (replace(cfg, init_adapters=None), None)
     for run in runs:
         cfg = _load(configs, overrides, _run(read_yaml, Path(run) / "config.yaml"))
-        rows[str(run)] = _run(run_eval, cfg, data, str(Path(run) / "adapters"))
-    if not rows:
+        models[str(run)] = (cfg, str(Path(run) / "adapters"))
+    if not models:
         raise click.UsageError("nothing to evaluate: give run folders and/or --base")
-    _echo_once(format_table(rows))
+    if gen:
+        from .distributed import group
+        from .evaluation import markdown, run_generation_eval
+
+        if group().size() > 1:
+            raise click.UsageError("eval --generate runs in one process (not under mlx.launch / mpirun)")
+        result = _run(run_generation_eval, models, data, out_dir, answer=answer, max_tokens=max_tokens,
+                      batch_size=gen_batch_size, temperature=temperature, limit=limit,
+                      log=lambda m: click.echo(m, err=True))
+        click.echo(markdown(result))
+        click.echo(f"written: {Path(out_dir) / 'eval.md'}, eval.json, eval.html (the answers side by side)")
+        rows = {name: row for name, row in result["models"].items()}
+    else:
+        rows = {name: _run(run_eval, cfg, data, adapters) for name, (cfg, adapters) in models.items()}
+        _echo_once(format_table(rows))
     if json_out and is_main():
         Path(json_out).write_text(json.dumps(rows, indent=1))
 
@@ -190,8 +220,11 @@ def _adapter_model(run_dir) -> str:
 def _register() -> None:
     from .cli_convert import convert
     from .cli_export import export_peft, fuse, push
+    from .cli_generate import chat, generate
     from .cli_report import report
 
+    main.add_command(generate)
+    main.add_command(chat)
     main.add_command(convert)
     main.add_command(fuse)
     main.add_command(export_peft)

@@ -237,6 +237,7 @@ def fuse_run(
     save_config(hf_config, out / "config.json")
     del model, weights
     _copy_side_files(base_dir, out, hf_config)
+    _write_chat_template(run, out)
     _write_provenance(run, out, "fused" + (" (dequantized)" if dequantize and quantized else ""))
     report = FuseReport(out, base_dir, run.fine_tune_type, quantized, quantized and dequantize, None)
     if check:
@@ -285,6 +286,22 @@ def _copy_side_files(base: Path, out: Path, hf_config: dict[str, Any]) -> None:
     if not (out / "generation_config.json").exists():
         gen = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_config}
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def _write_chat_template(run: Run, out: Path) -> None:
+    """The template the run trained with goes into tokenizer_config.json, so that every tool that
+    reads the folder (mlx_lm.generate, transformers, poft-mlx generate) formats prompts the way the
+    model learned; a base without a template (gemma-3 base) would otherwise get none."""
+    from .render import resolve_template
+
+    spec = read_run_config(run.run_dir).get("chat_template")
+    path = out / "tokenizer_config.json"
+    if not spec or not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    config["chat_template"] = resolve_template(spec)
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (out / "chat_template.jinja").unlink(missing_ok=True)  # transformers 5 prefers this file: keep one source
 
 
 def _write_provenance(run: Run, out: Path, export: str) -> None:

@@ -1,0 +1,177 @@
+"""Generation and the generation evaluation: answers checked, intervals, templates, fused == adapters."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from poft_mlx.cli import main
+from poft_mlx.evaluation import bootstrap_diff, bootstrap_mean, gsm8k_answer, regex_answer
+from tiny import write_tiny_config
+
+
+def invoke(*args, ok=True):
+    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert r.exit_code == 0, r.output
+    return r
+
+
+# ------------------------------------------------------------------ answers
+
+
+def test_gsm8k_extractor_on_the_real_test_split():
+    """Every real GSM8K reference answer: the extractor returns the number after '####'."""
+    from poft_mlx.datasets import gsm8k_records
+
+    records = gsm8k_records()
+    assert len(records) == 1319
+    for r in records:
+        ref = r["messages"][-1]["content"]
+        tail = ref.rsplit("####", 1)[1].strip().replace(",", "")
+        assert gsm8k_answer(ref) == str(int(float(tail))), ref[-80:]
+    # a handful of real records, by hand (first of the split: Janet's ducks, 18 dollars)
+    assert gsm8k_answer(records[0]["messages"][-1]["content"]) == "18"
+
+
+@pytest.mark.parametrize("reply, answer", [
+    ("She makes 9 * 2 = $18 every day.\n#### 18", "18"),
+    ("The total is $1,200.", "1200"),
+    ("So the answer is 5.50 dollars.", "5.5"),
+    ("It costs $18.00", "18"),
+    ("First 3 eggs, then 4, so 7 in all. The answer is 7.", "7"),
+    ("I don't know.", None),
+    ("#### -3", "-3"),
+])
+def test_gsm8k_extractor_on_replies(reply, answer):
+    assert gsm8k_answer(reply) == answer
+
+
+def test_regex_extractor_takes_the_last_match_and_its_group():
+    ex = regex_answer(r"answer: (\w+)")
+    assert ex("answer: no ... answer: yes") == "yes"
+    assert ex("nothing here") is None
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        regex_answer("(")
+
+
+# ------------------------------------------------------------------ intervals
+
+
+def test_bootstrap_interval_on_hand_computed_cases():
+    # Two pairs with differences 0 and 1: a resample's mean is 0, 0.5 or 1 with probability
+    # 1/4, 1/2, 1/4, so the 2.5th percentile is 0 and the 97.5th is 1 (each end has 25 % mass).
+    r = bootstrap_diff([0.0, 0.0], [0.0, 1.0], n_resamples=4000)
+    assert r == {"diff": 0.5, "lo": 0.0, "hi": 1.0, "n": 2}
+    # A constant difference has a zero-width interval.
+    r = bootstrap_diff(np.zeros(50), np.full(50, 0.25))
+    assert r["diff"] == r["lo"] == r["hi"] == 0.25
+    # NaN pairs are left out.
+    assert bootstrap_diff([1.0, np.nan, 0.0], [2.0, 5.0, 0.0])["n"] == 2
+
+
+def test_bootstrap_interval_matches_the_normal_approximation():
+    """For n = 400 the percentile interval is close to mean +- 1.96 sd / sqrt(n)."""
+    rng = np.random.default_rng(1)
+    d = rng.normal(0.3, 1.0, 400)
+    r = bootstrap_mean(d, n_resamples=20000)
+    half = 1.96 * d.std() / np.sqrt(len(d))
+    assert abs(r["mean"] - d.mean()) < 1e-12
+    assert abs((r["hi"] - r["lo"]) / 2 - half) < 0.05 * half
+    assert abs((r["hi"] + r["lo"]) / 2 - d.mean()) < 0.1 * half
+
+
+# ------------------------------------------------------------------ tiny runs
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_models):
+    """A short SFT run on the tiny gemma-style target (its config names the gemma template)."""
+    root = tmp_path_factory.mktemp("gen")
+    write_tiny_config(root, tiny_models, adapter={"rank": 4, "alpha": 32, "num_layers": -1},
+                      train={"iters": 6, "batch_size": 4, "learning_rate": 5e-3, "steps_per_eval": 100},
+                      objective="sft", run_dir=str(root / "run"))
+    invoke("train", "-c", root / "cfg.yaml")
+    return root
+
+
+def test_a_run_generates_with_the_template_it_trained_with(tiny_run, tiny_models):
+    from poft_mlx.generation import open_generator
+    from poft_mlx.render import resolve_template
+
+    gen = open_generator(str(tiny_run / "run"))
+    gemma = resolve_template("gemma")
+    assert gen.renderer.template == gemma
+    # the tiny target's tokenizer has no template of its own: only the run's config supplies one
+    assert "chat_template" not in json.loads((tiny_models["target"] / "tokenizer_config.json").read_text())
+    msgs = [{"role": "user", "content": "What is 2 plus 3?"}]
+    text = gen.tokenizer._tokenizer.decode(gen.prompt_tokens(msgs))
+    assert text.endswith("<start_of_turn>user\nWhat is 2 plus 3?<end_of_turn>\n<start_of_turn>model\n"), text
+    # the template's end-of-turn token stops a reply, besides eos
+    assert gen.tokenizer._tokenizer.convert_tokens_to_ids("<end_of_turn>") in gen.stop_ids
+
+
+def test_fused_folder_and_base_plus_adapters_generate_the_same_greedy_tokens(tiny_run, tiny_models, tmp_path):
+    from poft_mlx.generation import generate, open_generator
+    from poft_mlx.render import resolve_template
+
+    out = tmp_path / "fused"
+    invoke("fuse", tiny_run / "run", out)
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == resolve_template("gemma")
+    convs = [[{"role": "user", "content": f"What is {a} plus {b}?"}] for a, b in ((2, 3), (4, 1), (6, 6))]
+    run = generate(open_generator(str(tiny_run / "run")), convs, max_tokens=12, batch_size=2)
+    fused = generate(open_generator(str(out)), convs, max_tokens=12, batch_size=2)
+    base = generate(open_generator(str(tiny_models["target"]), chat_template="gemma"), convs, max_tokens=12)
+    assert [r.tokens for r in run] == [r.tokens for r in fused]
+    assert sum(len(r.tokens) for r in run) > 0
+    assert [r.tokens for r in run] != [r.tokens for r in base], "the adapter must change what is generated"
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(tiny_run):
+    from poft_mlx.generation import generate, open_generator
+
+    gen = open_generator(str(tiny_run / "run"))
+    convs = [[{"role": "user", "content": p}] for p in ("Hello!", "What is 7 plus 2? Tell me now.", "Say hello 3.")]
+    batched = generate(gen, convs, max_tokens=10, batch_size=3)
+    single = [generate(gen, [c], max_tokens=10, batch_size=1)[0] for c in convs]
+    assert [r.tokens for r in batched] == [r.tokens for r in single]
+
+
+def test_generate_command_streams_one_prompt_and_batches_several(tiny_run):
+    batch = invoke("generate", tiny_run / "run", "-p", "Hello!", "-p", "What is 1 plus 1?", "--max-tokens", "8")
+    assert batch.output.count("### ") == 2
+    first = batch.output.split("### Hello!\n", 1)[1].split("\n\n### ", 1)[0]
+    assert first.strip(), "this prompt gets a non-empty reply from the tiny run"
+    streamed = invoke("generate", tiny_run / "run", "-p", "Hello!", "--max-tokens", "8")
+    assert streamed.output == first + "\n"
+
+
+def test_eval_generate_writes_tables_json_and_html(tiny_run, tmp_path):
+    data = tmp_path / "test.jsonl"
+    recs = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                          {"role": "assistant", "content": f"{a} plus {b} is {a + b}. answer: {a + b}"}]}
+            for a, b in ((1, 2), (3, 4), (2, 2), (5, 1))]
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "ev"
+    r = invoke("eval", "--data", data, "--generate", "--out", out, "--max-tokens", "12",
+               "--answer", r"re:answer: (\d+)", tiny_run / "run")
+    assert "accuracy" in r.output and "aligned log-lik" in r.output and "paired" in r.output
+    res = json.loads((out / "eval.json").read_text())
+    names = ["base", str(tiny_run / "run")]
+    assert list(res["models"]) == names
+    for name in names:
+        row = res["models"][name]
+        assert {"correct", "aligned_lp", "reply_tokens", "ce", "ppl", "win_rate"} <= set(row)
+        assert 0 <= row["correct"]["mean"] <= 1 and row["aligned_lp"]["mean"] < 0
+    assert list(res["differences"]) == [f"{names[1]} - base"]
+    assert len(res["samples"]) == 4 and res["samples"][0]["reference_answer"] == "3"
+    s = res["samples"][0][names[1]]
+    assert {"reply", "reply_tokens", "stopped", "answer", "correct", "aligned_lp"} <= set(s)
+    page = (out / "eval.html").read_text()
+    assert page.count("<section>") == 4 and "What is 1 plus 2?" in page and "<table>" in page
+    md = (out / "eval.md").read_text()
+    assert re.search(r"\| base \| [-\d.]+", md)

@@ -54,7 +54,8 @@ class Dataset:
         return np.array([len(e.tokens) for e in self.encodings], np.int64)
 
     def batches(self, batch_size: int, world: int = 1, among=None) -> list[np.ndarray]:
-        """Length-sorted groups of the samples `among` (default all), so that padding stays small."""
+        """Length-sorted groups of the samples `among` (default all), so that padding stays small:
+        evaluation's batches (training draws new groups each epoch: epoch_groups)."""
         idx = np.arange(len(self)) if among is None else np.sort(np.asarray(among, np.int64))
         order = idx[np.argsort(self.lengths()[idx], kind="stable")]
         groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -65,7 +66,34 @@ class Dataset:
         return make_batch([self.encodings[i] for i in mine], mine, self.r_ref[mine])
 
 
+# Written into checkpoints: how training batches are composed (epoch_groups), so that a
+# resumed run can tell a checkpoint of another composition.
+DATA_ORDER = "length-buckets-reshuffled-per-epoch"
+
+
+def length_buckets(lengths: np.ndarray, pad_to: int = 16) -> np.ndarray:
+    """Classes of samples that may share a batch at little padding cost: rows are padded to a
+    multiple of `pad_to` anyway (modeling.make_batch), and longer ones group within ~9%."""
+    padded = np.maximum(-(-np.asarray(lengths, np.int64) // pad_to) * pad_to, pad_to)
+    return np.floor(8 * np.log2(padded)).astype(np.int64)
+
+
+def epoch_groups(lengths: np.ndarray, group_size: int, seed: int, epoch: int, min_size: int = 1) -> list[np.ndarray]:
+    """Which samples share a step in `epoch`: sorted by length bucket, randomly within a
+    bucket, then cut into groups of `group_size`.
+
+    A function of (seed, epoch) alone, so a resumed run composes the same groups; a new
+    draw each epoch, so epoch 2 does not repeat epoch 1's groups in another order.
+    """
+    lengths = np.asarray(lengths)
+    tie = np.random.default_rng([seed, epoch, 1]).permutation(len(lengths))
+    order = np.lexsort((tie, length_buckets(lengths)))
+    groups = [order[i:i + group_size] for i in range(0, len(order), group_size)]
+    return [g for g in groups if len(g) >= min_size]
+
+
 def epoch_order(n_batches: int, seed: int, epoch: int) -> np.ndarray:
+    """The order in which an epoch's groups are visited."""
     return np.random.default_rng([seed, epoch]).permutation(n_batches)
 
 
@@ -210,7 +238,16 @@ def _train(model, optimizer, train_data: Dataset, val_data: Dataset | None, obje
     accum = args.grad_accumulation_steps
     # One step = one group of batch_size * accum samples, fed as `accum` micro-batches
     # of batch_size, normalised over the whole group: accumulation == a larger batch.
-    groups = train_data.batches(args.batch_size * accum, world * accum)
+    lengths = train_data.lengths()
+    composed = {}
+
+    def groups_of(epoch: int) -> list[np.ndarray]:
+        if epoch not in composed:
+            composed.clear()
+            composed[epoch] = epoch_groups(lengths, args.batch_size * accum, args.seed, epoch, world * accum)
+        return composed[epoch]
+
+    groups = groups_of(0)
     if not groups:
         raise ValueError(f"the training set ({len(train_data)} samples) is smaller than one batch "
                          f"({args.batch_size * accum})")
@@ -223,11 +260,17 @@ def _train(model, optimizer, train_data: Dataset, val_data: Dataset | None, obje
     state = {"step": 0, "best_val": None, "best_step": None, "bad_evals": 0, "skipped": 0}
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
-        state.update(_resume(run_dir, model, optimizer, group))
+        loaded = _resume(run_dir, model, optimizer, group)
+        if loaded.get("data_order") != DATA_ORDER:
+            log(f"note: the checkpoint was written by a version that composed batches otherwise "
+                f"({loaded.get('data_order', 'fixed length-sorted groups')}); from here on they are "
+                f"{DATA_ORDER}")
+        state.update(loaded)
         if main_rank:
             _truncate_metrics(metrics_path, state["step"])
             ckpt.clean_partial(run_dir)  # a checkpoint whose writing was cut off
         log(f"resumed from {ckpt.latest_checkpoint(run_dir)} at step {state['step']}/{total_steps}")
+    state["data_order"] = DATA_ORDER
 
     def write(record: dict) -> None:
         if main_rank:
@@ -278,7 +321,7 @@ def _train(model, optimizer, train_data: Dataset, val_data: Dataset | None, obje
             tic = time.perf_counter()
             grads, loss_acc, tokens, step_metrics = None, 0.0, 0, []
             epoch, pos = divmod(step, len(groups))
-            g = groups[epoch_order(len(groups), args.seed, epoch)[pos]]
+            g = groups_of(epoch)[epoch_order(len(groups), args.seed, epoch)[pos]]
             norm = global_norm(g, train_data, objective)
             for k in range(accum):
                 micro = g[k * len(g) // accum:(k + 1) * len(g) // accum]

@@ -179,15 +179,21 @@ class TimedDataset(Dataset):
 
 @contextlib.contextmanager
 def batch_order(perm):
-    """Make poft-mlx's trainer visit its batches in `perm` order (the one mlx-lm will use)."""
+    """Make poft-mlx's trainer visit mlx-lm's batches (consecutive runs of the length-sorted
+    samples) in `perm` order (the one mlx-lm will use)."""
     import poft_mlx.trainer as trainer
 
-    saved = trainer.epoch_order
+    def sorted_groups(lengths, size, seed, epoch, min_size=1):
+        order = np.argsort(lengths, kind="stable")
+        return [order[i:i + size] for i in range(0, len(order), size) if len(order[i:i + size]) >= min_size]
+
+    saved = trainer.epoch_order, trainer.epoch_groups
     trainer.epoch_order = lambda n, seed, epoch: perm
+    trainer.epoch_groups = sorted_groups
     try:
         yield
     finally:
-        trainer.epoch_order = saved
+        trainer.epoch_order, trainer.epoch_groups = saved
 
 
 @contextlib.contextmanager

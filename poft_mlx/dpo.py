@@ -156,7 +156,7 @@ def run_dpo(cfg: Config, *, resume: bool = False) -> Path:
     """Train the DPO stage; returns the run folder (the same layout as PoFT/SFT runs)."""
     from . import modeling
     from .pipeline import open_run, target_renderer
-    from .trainer import build_optimizer, train
+    from .trainer import build_optimizer, planned_steps, train
 
     run_dir, group = open_run(cfg, resume=resume)
     loaded = load_policy(cfg)
@@ -174,9 +174,7 @@ def run_dpo(cfg: Config, *, resume: bool = False) -> Path:
     adapter_config = {"model": str(loaded.path), **modeling.apply_adapters(loaded.model, cfg.adapter)}
     init = str(Path(cfg.init_adapters).resolve()) if cfg.init_adapters else None  # fuse may run elsewhere
     adapter_config["poft_mlx"] = {"target": cfg.model, "objective": "dpo", "init_adapters": init}
-    accum = cfg.train.grad_accumulation_steps
-    n_groups = len(train_data.batches(cfg.train.batch_size * accum, group.size() * accum))
-    total = cfg.train.iters or max((cfg.train.epochs or 1) * n_groups, 1)
+    total = planned_steps(cfg.train, len(train_data))
     optimizer = build_optimizer(cfg.train, total)
     objective_fn = partial(dpo_objective, beta=cfg.dpo.beta)
     start = f" from {cfg.init_adapters}" if cfg.init_adapters else ""

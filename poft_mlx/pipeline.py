@@ -137,7 +137,7 @@ def run_train(cfg: Config, *, resume: bool = False) -> Path:
     import mlx.core as mx
 
     from . import modeling
-    from .trainer import build_optimizer, train
+    from .trainer import build_optimizer, planned_steps, train
 
     _require(cfg, aligned=cfg.objective == "poft")
     if cfg.objective == "dpo":
@@ -159,9 +159,7 @@ def run_train(cfg: Config, *, resume: bool = False) -> Path:
     mx.random.seed(cfg.train.seed)  # here: building models above draws random numbers too
     adapter_config = {"model": str(loaded.path), **modeling.apply_adapters(loaded.model, cfg.adapter)}
     adapter_config["poft_mlx"] = {"target": cfg.model, "objective": cfg.objective}
-    accum = cfg.train.grad_accumulation_steps
-    n_groups = len(train_data.batches(cfg.train.batch_size * accum, group.size() * accum))
-    total = cfg.train.iters or max((cfg.train.epochs or 1) * n_groups, 1)
+    total = planned_steps(cfg.train, len(train_data))
     optimizer = build_optimizer(cfg.train, total)
     objective_fn = partial(OBJECTIVES[cfg.objective], beta=cfg.beta, gamma=cfg.gamma)
     log(f"training {cfg.model} with {cfg.objective} for {total} steps -> {run_dir}")

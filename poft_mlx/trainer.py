@@ -3,6 +3,8 @@
 SFT and PoFT differ only in the objective function. A step consumes
 `grad_accumulation_steps` micro-batches of `batch_size` samples (the global batch;
 each data-parallel rank takes every world-size-th row), then applies one update.
+An epoch has as many steps for any number of ranks (steps_per_epoch): its last, partial
+group is kept, and a rank whose share of it is empty adds zero gradients.
 """
 
 from __future__ import annotations
@@ -53,13 +55,12 @@ class Dataset:
         """Tokens per sample (the padded length of its rows): what batching sorts by."""
         return np.array([len(e.tokens) for e in self.encodings], np.int64)
 
-    def batches(self, batch_size: int, world: int = 1, among=None) -> list[np.ndarray]:
+    def batches(self, batch_size: int, among=None) -> list[np.ndarray]:
         """Length-sorted groups of the samples `among` (default all), so that padding stays small:
         evaluation's batches (training draws new groups each epoch: epoch_groups)."""
         idx = np.arange(len(self)) if among is None else np.sort(np.asarray(among, np.int64))
         order = idx[np.argsort(self.lengths()[idx], kind="stable")]
-        groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        return [g for g in groups if len(g) >= world]
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
     def batch(self, index: np.ndarray, rank: int = 0, world: int = 1):
         mine = index[rank::world]
@@ -78,9 +79,9 @@ def length_buckets(lengths: np.ndarray, pad_to: int = 16) -> np.ndarray:
     return np.floor(8 * np.log2(padded)).astype(np.int64)
 
 
-def epoch_groups(lengths: np.ndarray, group_size: int, seed: int, epoch: int, min_size: int = 1) -> list[np.ndarray]:
+def epoch_groups(lengths: np.ndarray, group_size: int, seed: int, epoch: int) -> list[np.ndarray]:
     """Which samples share a step in `epoch`: sorted by length bucket, randomly within a
-    bucket, then cut into groups of `group_size`.
+    bucket, then cut into groups of `group_size` (the last one may be smaller).
 
     A function of (seed, epoch) alone, so a resumed run composes the same groups; a new
     draw each epoch, so epoch 2 does not repeat epoch 1's groups in another order.
@@ -88,8 +89,28 @@ def epoch_groups(lengths: np.ndarray, group_size: int, seed: int, epoch: int, mi
     lengths = np.asarray(lengths)
     tie = np.random.default_rng([seed, epoch, 1]).permutation(len(lengths))
     order = np.lexsort((tie, length_buckets(lengths)))
-    groups = [order[i:i + group_size] for i in range(0, len(order), group_size)]
-    return [g for g in groups if len(g) >= min_size]
+    return [order[i:i + group_size] for i in range(0, len(order), group_size)]
+
+
+def steps_per_epoch(n_samples: int, batch_size: int, accum: int) -> int:
+    """One step per group of batch_size * accum samples, the last partial one included, for
+    every number of ranks: dropping a group smaller than world * accum made a 2-rank run
+    take a step fewer than one process. Losses are sums normalised over the whole group
+    and reduced across ranks, so uneven shares of a group change nothing."""
+    return -(-n_samples // (batch_size * accum))
+
+
+def planned_steps(args: TrainConfig, n_samples: int) -> int:
+    """The run's length: train.iters, else train.epochs epochs."""
+    return args.iters or max((args.epochs or 1) * steps_per_epoch(n_samples, args.batch_size,
+                                                                  args.grad_accumulation_steps), 1)
+
+
+def shares(group: np.ndarray, accum: int, rank: int, world: int) -> list[np.ndarray]:
+    """The rows of `group` that `rank` computes, one array per micro-batch; an array is empty
+    where the group has fewer rows than accum * world (an epoch's last group)."""
+    n = len(group)
+    return [group[k * n // accum:(k + 1) * n // accum][rank::world] for k in range(accum)]
 
 
 def epoch_order(n_batches: int, seed: int, epoch: int) -> np.ndarray:
@@ -244,14 +265,13 @@ def _train(model, optimizer, train_data: Dataset, val_data: Dataset | None, obje
     def groups_of(epoch: int) -> list[np.ndarray]:
         if epoch not in composed:
             composed.clear()
-            composed[epoch] = epoch_groups(lengths, args.batch_size * accum, args.seed, epoch, world * accum)
+            composed[epoch] = epoch_groups(lengths, args.batch_size * accum, args.seed, epoch)
         return composed[epoch]
 
     groups = groups_of(0)
     if not groups:
-        raise ValueError(f"the training set ({len(train_data)} samples) is smaller than one batch "
-                         f"({args.batch_size * accum})")
-    total_steps = args.iters or max((args.epochs or 1) * len(groups), 1)
+        raise ValueError("the training set is empty")
+    total_steps = planned_steps(args, len(train_data))
     def loss_fn(model, batch, norm):
         lp, n = batch_logprobs(model, batch, checkpoint=args.grad_checkpoint)
         return objective_fn(lp, n, batch.r_ref, norm=norm)
@@ -323,9 +343,10 @@ def _train(model, optimizer, train_data: Dataset, val_data: Dataset | None, obje
             epoch, pos = divmod(step, len(groups))
             g = groups_of(epoch)[epoch_order(len(groups), args.seed, epoch)[pos]]
             norm = global_norm(g, train_data, objective)
-            for k in range(accum):
-                micro = g[k * len(g) // accum:(k + 1) * len(g) // accum]
-                batch = train_data.batch(micro, rank, world)
+            for rows in shares(g, accum, rank, world):
+                if len(rows) == 0:
+                    continue
+                batch = train_data.batch(rows)
                 if reference is not None:
                     batch.r_ref = mx.array(reference([train_data.samples[i] for i in batch.index]), mx.float32)
                 (loss, metrics), grad = value_and_grad(model, batch, norm)
@@ -334,6 +355,8 @@ def _train(model, optimizer, train_data: Dataset, val_data: Dataset | None, obje
                 loss_acc += loss.item()
                 step_metrics.append(metrics)
                 tokens += int(metrics["n_tokens"].item())
+            if grads is None:  # no row of this (partial) group is this rank's: it adds nothing
+                grads = tree_map(mx.zeros_like, model.trainable_parameters())
             stopping = stop.signum is not None
             if world > 1:  # the ranks also agree on stopping: one rank's signal stops all at this step
                 grads = dist.sum_gradients(grads, group)

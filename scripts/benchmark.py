@@ -183,9 +183,9 @@ def batch_order(perm):
     samples) in `perm` order (the one mlx-lm will use)."""
     import poft_mlx.trainer as trainer
 
-    def sorted_groups(lengths, size, seed, epoch, min_size=1):
+    def sorted_groups(lengths, size, seed, epoch):
         order = np.argsort(lengths, kind="stable")
-        return [order[i:i + size] for i in range(0, len(order), size) if len(order[i:i + size]) >= min_size]
+        return [order[i:i + size] for i in range(0, len(order), size)]
 
     saved = trainer.epoch_order, trainer.epoch_groups
     trainer.epoch_order = lambda n, seed, epoch: perm

@@ -52,7 +52,7 @@ class Dataset:
         return len(self.samples)
 
     def lengths(self) -> np.ndarray:
-        """Tokens per sample (the padded length of its rows): what batching sorts by."""
+        """Tokens per sample (a pair: its longer reply): what batching sorts by."""
         return np.array([len(e.tokens) for e in self.encodings], np.int64)
 
     def batches(self, batch_size: int, among=None) -> list[np.ndarray]:

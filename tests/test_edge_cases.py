@@ -277,3 +277,40 @@ def test_a_last_group_smaller_than_the_accumulation_is_a_step_with_the_same_upda
     w_big = mx.load(str(tmp_path / "big" / "adapters" / "adapters.safetensors"))
     for k in w_big:  # float sums in another order over 6 steps; a missing step is far off
         np.testing.assert_allclose(np.array(w_acc[k]), np.array(w_big[k]), rtol=matmul_tol(1e-3), atol=matmul_tol(1e-5))
+
+
+@pytest.mark.distributed
+def test_two_ranks_take_the_last_one_sample_group_like_one_process(tmp_path, tiny_models):
+    """21 samples in groups of 4: the last group has one sample, so rank 1's share of it is
+    empty; both ranks still take that step (6 steps, as one process) and the update agrees."""
+    import json
+
+    import mlx.core as mx
+    import numpy as np
+    from click.testing import CliRunner
+
+    from poft_mlx.cli import main
+    from test_distributed import ADAPTER_ATOL, BIN, LOSS_RTOL, finish, start_ranks
+    from tiny import gsm_like, write_jsonl, write_tiny_config
+
+    cfg = write_tiny_config(tmp_path, tiny_models, aligned=[], objective="sft", adapter={"rank": 4, "alpha": 8},
+                            train={"epochs": 1, "batch_size": 4, "optimizer": "sgd", "learning_rate": 0.1,
+                                   "steps_per_report": 1, "steps_per_eval": 1000, "lr_schedule": "constant"})
+    data = write_jsonl(tmp_path / "train21.jsonl", gsm_like(21))
+    sets = ["--set", "data.valid=null", "--set", f"data.train={data}"]
+    r = CliRunner().invoke(main, ["train", "-c", str(cfg), "--set", f"run_dir={tmp_path / 'one'}", *sets],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    out = finish(start_ranks(tmp_path, [BIN / "poft-mlx", "train", "-c", cfg, "--set", f"run_dir={tmp_path / 'two'}",
+                                        *sets]))
+    for rank, (rc, o, e) in enumerate(out):
+        assert rc == 0, f"rank {rank}:\n{o}\n{e}"
+    one, two = ([json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+                for n in ("one", "two"))
+    assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_RTOL)
+    w1 = mx.load(str(tmp_path / "one" / "adapters" / "adapters.safetensors"))
+    w2 = mx.load(str(tmp_path / "two" / "adapters" / "adapters.safetensors"))
+    for k in w1:
+        np.testing.assert_allclose(np.array(w2[k]), np.array(w1[k]), atol=ADAPTER_ATOL)

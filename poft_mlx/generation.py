@@ -134,7 +134,11 @@ def generate(gen: Generator, conversations: list[list[dict]], *, max_tokens: int
 
 def generate_tokens(model, tokenizer, prompts: list[list[int]], stop_ids: Iterable[int], *, max_tokens: int = 256,
                     temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
-                    on_token: Callable[[int, int], None] | None = None) -> list[Reply]:
+                    on_token: Callable[[int, int], None] | None = None,
+                    stop_strings: list[list[str]] | None = None) -> list[Reply]:
+    """Replies to token prompts. stop_strings[i] (optional) ends prompt i's reply at the first
+    occurrence of any of its strings in the decoded text; the reply's text is cut there (its
+    tokens are those generated up to and including the one that completed the string)."""
     from mlx_lm.generate import BatchGenerator
     from mlx_lm.sample_utils import make_sampler
 
@@ -157,11 +161,22 @@ def generate_tokens(model, tokenizer, prompts: list[list[int]], stop_ids: Iterab
                         out[r.uid].append(r.token)
                         if on_token is not None:
                             on_token(index[r.uid], r.token)
+                        if stop_strings and stop_strings[index[r.uid]] and r.finish_reason is None:
+                            text = tokenizer.decode(out[r.uid])
+                            if any(s in text for s in stop_strings[index[r.uid]]):
+                                bg.remove([r.uid])
+                                finish[r.uid] = "stop"
+                                continue
                     if r.finish_reason is not None:
                         finish[r.uid] = r.finish_reason
         finally:
             bg.close()
-    return [Reply(tokenizer.decode(out[u]), out[u], finish.get(u, "length")) for u in uids]
+    replies = [Reply(tokenizer.decode(out[u]), out[u], finish.get(u, "length")) for u in uids]
+    for i, r in enumerate(replies):
+        for s in (stop_strings[i] if stop_strings else None) or []:
+            if s in r.text:
+                r.text = r.text[:r.text.index(s)]
+    return replies
 
 
 class StreamPrinter:

@@ -175,3 +175,24 @@ def test_eval_generate_writes_tables_json_and_html(tiny_run, tmp_path):
     assert page.count("<section>") == 4 and "What is 1 plus 2?" in page and "<table>" in page
     md = (out / "eval.md").read_text()
     assert re.search(r"\| base \| [-\d.]+", md)
+
+
+def test_stop_strings_end_a_reply_where_the_text_first_contains_one(tiny_models):
+    """generate_tokens(stop_strings=...): the reply stops at the token that completes a string and its
+    text is cut before it; other prompts in the batch are unaffected."""
+    from poft_mlx.generation import generate_tokens, open_generator
+
+    gen = open_generator(str(tiny_models["target"]), chat_template="gemma")
+    prompts = [gen.prompt_tokens([{"role": "user", "content": p}]) for p in ("Hello!", "What is 7 plus 2?")]
+    free = generate_tokens(gen.model, gen.tokenizer, prompts, gen.stop_ids, max_tokens=12)
+    assert len(free[0].tokens) == 12 and len(free[0].text) > 4
+    # a string from the middle of the first reply's text (after its 4th token), absent from its start
+    k = len(gen.tokenizer.decode(free[0].tokens[:4]))
+    stop = free[0].text[k:k + 2]
+    cut = free[0].text.index(stop)
+    got = generate_tokens(gen.model, gen.tokenizer, prompts, gen.stop_ids, max_tokens=12,
+                          stop_strings=[[stop, "never there"], []])
+    assert got[0].text == free[0].text[:cut] and got[0].finish == "stop"
+    n = next(i for i in range(1, 13) if stop in gen.tokenizer.decode(free[0].tokens[:i]))
+    assert got[0].tokens == free[0].tokens[:n] and n < 12
+    assert got[1].tokens == free[1].tokens and got[1].text == free[1].text

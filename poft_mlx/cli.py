@@ -102,7 +102,8 @@ def train(configs, overrides, resume):
 
 @main.command("eval")
 @config_options
-@click.option("--data", required=True, type=click.Path(dir_okay=False, exists=True), help="Held-out JSONL file.")
+@click.option("--data", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Held-out JSONL file (required unless --lm-eval is given).")
 @click.option("--base/--no-base", default=True, help="Also evaluate the target without adapters.")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Write the table as JSON here.")
 @click.option("--generate", "gen", is_flag=True,
@@ -118,9 +119,19 @@ def train(configs, overrides, resume):
 @click.option("--gen-batch-size", default=8, show_default=True, help="With --generate: prompts decoded together.")
 @click.option("--temp", "temperature", default=0.0, show_default=True, help="With --generate: 0 = greedy.")
 @click.option("--limit", type=int, default=None, help="Only the first N held-out records.")
+@click.option("--lm-eval", "lm_tasks", default=None, metavar="TASKS",
+              help="Also run lm-evaluation-harness tasks (comma-separated names) on every model "
+                   "(optional extra: pip install 'poft-mlx[lm-eval]'; built-in tasks download their data).")
+@click.option("--lm-eval-include", type=click.Path(file_okay=False, exists=True), default=None,
+              help="With --lm-eval: a folder of task YAMLs (e.g. tasks on local files).")
+@click.option("--lm-eval-limit", type=int, default=None, help="With --lm-eval: at most N documents per task.")
+@click.option("--lm-eval-fewshot", type=int, default=None, help="With --lm-eval: few-shot examples per prompt.")
+@click.option("--lm-eval-chat-template", is_flag=True,
+              help="With --lm-eval: render prompts with the model's chat template (default: raw text).")
 @click.argument("runs", nargs=-1, type=click.Path(file_okay=False, exists=True))
 def eval_cmd(configs, overrides, data, base, json_out, gen, out_dir, answer, max_tokens, gen_batch_size,
-             temperature, limit, runs):
+             temperature, limit, lm_tasks, lm_eval_include, lm_eval_limit, lm_eval_fewshot, lm_eval_chat_template,
+             runs):
     """Compare the base model and RUNS (run folders) on held-out data, side by side."""
     from dataclasses import replace
 
@@ -138,6 +149,14 @@ def eval_cmd(configs, overrides, data, base, json_out, gen, out_dir, answer, max
         models[str(run)] = (cfg, str(Path(run) / "adapters"))
     if not models:
         raise click.UsageError("nothing to evaluate: give run folders and/or --base")
+    if data is None and (gen or not lm_tasks):
+        raise click.UsageError("Missing option '--data' (held-out JSONL)" + ("" if gen else " or --lm-eval TASKS"))
+    if lm_tasks:
+        from .distributed import group
+
+        if group().size() > 1:
+            raise click.UsageError("eval --lm-eval runs in one process (not under mlx.launch / mpirun)")
+    rows = {name: {} for name in models}
     if gen:
         from .distributed import group
         from .evaluation import markdown, run_generation_eval
@@ -150,9 +169,21 @@ def eval_cmd(configs, overrides, data, base, json_out, gen, out_dir, answer, max
         click.echo(markdown(result))
         click.echo(f"written: {Path(out_dir) / 'eval.md'}, eval.json, eval.html (the answers side by side)")
         rows = {name: row for name, row in result["models"].items()}
-    else:
+    elif data is not None:
         rows = {name: _run(run_eval, cfg, data, adapters) for name, (cfg, adapters) in models.items()}
         _echo_once(format_table(rows))
+    if lm_tasks:
+        from .lm_eval_harness import format_lm_eval_table, run_lm_eval
+
+        try:
+            harness = _run(run_lm_eval, models, lm_tasks.split(","), include_path=lm_eval_include,
+                           limit=lm_eval_limit, num_fewshot=lm_eval_fewshot, chat_template=lm_eval_chat_template,
+                           log=lambda m: click.echo(m, err=True))
+        except ImportError as e:
+            raise click.ClickException(str(e)) from None
+        click.echo(format_lm_eval_table(harness))
+        for name, tasks in harness.items():
+            rows[name]["lm_eval"] = tasks
     if json_out and is_main():
         Path(json_out).write_text(json.dumps(rows, indent=1))
 

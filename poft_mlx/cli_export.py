@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from .diskspace import DiskFull
 from .hub import HubError
 
 BASE_HELP = "Base model folder, when not where the run's adapter_config.json says."
@@ -42,7 +43,7 @@ def fuse(run_dir: Path, out_dir: Path, keep_quantization: bool, no_check: bool, 
                                  tol=tol, base=base)
         if peft_dir is not None:
             _peft_export().export_peft(run_dir, peft_dir, base=base)
-    except export.ExportError as e:
+    except (export.ExportError, DiskFull) as e:
         raise click.ClickException(str(e)) from None
     state = "dequantized" if report.dequantized else "kept quantized" if report.quantized_base else "float"
     click.echo(f"wrote {report.out_dir} ({report.fine_tune_type} fused into {report.base}, {state})")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,10 +30,12 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.utils import load_adapters
 from mlx_lm.utils import dequantize_model, load_model, load_tokenizer, make_shards, save_config
 
+from . import diskspace
 from .hub import CHECK_FILE, CONFIG_COPY, PROVENANCE_FILE, collect_provenance, read_run_config
 from .model_files import check_folder
 
 MAX_CHECK_TOKENS = 128
+PARTIAL = ".poft-fuse-partial"  # a fuse being written, inside its output folder
 _FALLBACK_SAMPLES = [
     "The quick brown fox jumps over the lazy dog while the farmer watches from the porch.",
     "Write a short poem about the sea, the wind and a lighthouse keeper who cannot sleep.",
@@ -222,6 +225,24 @@ def fuse_run(
     run = open_run(run_dir, base)
     base_dir = _require_base(run)
     out = _empty_out_dir(out_dir)
+    # Everything is written into a hidden folder inside `out` and moved up when complete: a full
+    # disk (DiskFull) or a crash leaves no partial model where a later command would take it.
+    work = out / PARTIAL
+    work.mkdir()
+    try:
+        report = _fuse_into(run, base_dir, work, out, dequantize=dequantize, check=check, tol=tol, atol=atol)
+    except FuseCheckError:
+        _move_up(work, out)  # the failing report stays for inspection (push refuses the folder)
+        raise
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    _move_up(work, out)
+    return report
+
+
+def _fuse_into(run: Run, base_dir: Path, out: Path, final: Path, *, dequantize: bool, check: bool, tol: float,
+               atol: float) -> FuseReport:
     model, config = _load(run, with_adapter=True)
     quantized = "quantization" in config or any(isinstance(m, nn.QuantizedLinear) for m in model.modules())
     fused = [(n, m.fuse(dequantize=dequantize)) for n, m in model.named_modules() if "lora_a" in m]
@@ -235,23 +256,37 @@ def fuse_run(
     weights = dict(tree_flatten(model.parameters()))
     for key in {"torch_dtype"} | ({"dtype"} & set(hf_config)):  # transformers 5 reads dtype
         hf_config[key] = _float_dtype_name(weights)
-    _write_weights(out, weights)
-    save_config(hf_config, out / "config.json")
-    del model, weights
-    _copy_side_files(base_dir, out, hf_config)
-    _write_chat_template(run, out)
-    _write_provenance(run, out, "fused" + (" (dequantized)" if dequantize and quantized else ""))
-    report = FuseReport(out, base_dir, run.fine_tune_type, quantized, quantized and dequantize, None)
+    side = sum(p.stat().st_size for p in base_dir.iterdir() if p.is_file() and not p.name.endswith(".safetensors"))
+    need = diskspace.nbytes(weights) + side
+    hint = f"nothing was left in {final}; free space and run fuse again"
+    diskspace.check_space(out, need, hint)  # before writing anything
+    with diskspace.writing(out, need, hint):
+        _write_weights(out, weights)
+        save_config(hf_config, out / "config.json")
+        del model, weights
+        _copy_side_files(base_dir, out, hf_config)
+        _write_chat_template(run, out)
+        _write_provenance(run, out, "fused" + (" (dequantized)" if dequantize and quantized else ""))
+    report = FuseReport(final, base_dir, run.fine_tune_type, quantized, quantized and dequantize, None)
     if check:
         report.check = check_fused(run, out, tol=tol, atol=atol)
-        (out / CHECK_FILE).write_text(json.dumps(asdict(report.check), indent=2) + "\n")
+        with diskspace.writing(out / CHECK_FILE, 4096, hint):
+            (out / CHECK_FILE).write_text(json.dumps(asdict(report.check), indent=2) + "\n")
         if not report.check.passed:
-            raise FuseCheckError(_failure_message(out, report.check), report.check)
+            raise FuseCheckError(_failure_message(final, report.check), report.check)
     return report
+
+
+def _move_up(work: Path, out: Path) -> None:
+    """The finished files from `work` into `out` (renames on one file system), then `work` goes."""
+    for path in sorted(work.iterdir()):
+        os.replace(path, out / path.name)
+    work.rmdir()
 
 
 def _empty_out_dir(out_dir: str | Path) -> Path:
     out = Path(out_dir)
+    shutil.rmtree(out / PARTIAL, ignore_errors=True)  # what a killed fuse left: never complete
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"output folder {out} already exists and is not empty: choose another or remove it")
     out.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,7 @@ import gguf
 import mlx.core as mx
 import numpy as np
 
+from . import diskspace
 from .gguf_tokenizer import build_tokenizer, tokenizer_files
 from .model_files import check_gguf, check_template
 
@@ -122,27 +123,37 @@ def convert_gguf(
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    # About what the folder takes: every tensor in `dtype` (less when kept quantized) + tokenizer.
+    need = sum(int(t.n_elements) for t in reader.tensors) * DTYPES[dtype].size + (4 << 20)
+    hint = f"nothing was written to {out_dir}; free space and convert again"
     try:
-        tokenizer.save(str(tmp / "tokenizer.json"))
-        for name, content in tokenizer_files(meta, chat_template).items():
-            _write_json(tmp / name, content)
-        weights, layer_bits = convert_tensors(meta, tensors, dtype=dtype, keep=quantize == "keep")
-        if layer_bits:
-            config["quantization"] = config["quantization_config"] = _keep_quantization(layer_bits)
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
-        del weights
-        _write_json(tmp / "config.json", config)
-        if quantize in ("q4", "q8"):
-            _requantize(tmp, config, bits=int(quantize[1:]))
-        ids = ("bos_token_id", "eos_token_id", "pad_token_id")
-        _write_json(tmp / "generation_config.json", {k: config[k] for k in ids if config[k] is not None})
-        _write_json(tmp / "poft_conversion.json", _provenance(gguf_path, meta, dtype, quantize, chat_template))
+        with diskspace.writing(tmp, need, hint):
+            _write_folder(tmp, gguf_path, meta, tensors, config, tokenizer, dtype, quantize, chat_template)
         os.chmod(tmp, 0o755)
         _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _write_folder(tmp: Path, gguf_path: Path, meta: dict[str, Any], tensors: dict[str, Any], config: dict[str, Any],
+                  tokenizer: Any, dtype: str, quantize: str | None, chat_template: str | None) -> None:
+    """Every file of the model folder, into `tmp`."""
+    tokenizer.save(str(tmp / "tokenizer.json"))
+    for name, content in tokenizer_files(meta, chat_template).items():
+        _write_json(tmp / name, content)
+    weights, layer_bits = convert_tensors(meta, tensors, dtype=dtype, keep=quantize == "keep")
+    if layer_bits:
+        config["quantization"] = config["quantization_config"] = _keep_quantization(layer_bits)
+    mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
+    del weights
+    _write_json(tmp / "config.json", config)
+    if quantize in ("q4", "q8"):
+        _requantize(tmp, config, bits=int(quantize[1:]))
+    ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+    _write_json(tmp / "generation_config.json", {k: config[k] for k in ids if config[k] is not None})
+    _write_json(tmp / "poft_conversion.json", _provenance(gguf_path, meta, dtype, quantize, chat_template))
 
 
 def build_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:

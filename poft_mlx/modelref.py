@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import diskspace
 from .gguf_convert import CONVERTER_VERSION, convert_gguf
 from .model_files import check_folder
 
@@ -209,12 +210,20 @@ def convert_model(ref: str, out_dir: str | os.PathLike[str], **convert_options: 
     from mlx_lm import convert as mlx_convert
 
     quantize = options["quantize"]
-    mlx_convert(
-        str(resolve_model(ref)), str(out_dir), quantize=quantize is not None,
-        q_bits=int(quantize[1:]) if quantize else None, dtype=options["dtype"],
-    )  # fmt: skip
-    if options["chat_template"] is not None:
-        _set_chat_template(out_dir, options["chat_template"])
+    source = resolve_model(ref)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside out_dir and renamed into place: a full disk or a crash leaves no partial model.
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as scratch:
+        built = Path(scratch) / "model"
+        need = sum(p.stat().st_size for p in source.iterdir() if p.is_file())
+        with diskspace.writing(out_dir, need, f"nothing was written to {out_dir}; free space and convert again"):
+            mlx_convert(
+                str(source), str(built), quantize=quantize is not None,
+                q_bits=int(quantize[1:]) if quantize else None, dtype=options["dtype"],
+            )  # fmt: skip
+            if options["chat_template"] is not None:
+                _set_chat_template(built, options["chat_template"])
+        os.replace(built, out_dir)  # an empty out_dir is replaced
     return out_dir
 
 
@@ -275,15 +284,19 @@ def _cached_conversion(source: GGUFSource, root: Path, options: dict[str, Any]) 
 def _build(source: GGUFSource, target: Path, options: dict[str, Any]) -> None:
     """Convert `source` with its notices in a scratch sibling of `target`, then rename it there.
 
-    The rename is atomic: `target` is absent or complete. FileExistsError if it exists.
+    The rename is atomic: `target` is absent or complete. FileExistsError if it exists; DiskFull
+    (naming `target`) when the disk fills, the scratch folder removed.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as scratch:
         built = Path(scratch) / "model"
-        with source.open(Path(scratch)) as path:
-            convert_gguf(path, built, **options)
-        for notice in source.notices:
-            shutil.copy2(notice, built / notice.name)
+        try:
+            with diskspace.writing(target, None), source.open(Path(scratch)) as path:  # may assemble a file
+                convert_gguf(path, built, **options)
+                for notice in source.notices:
+                    shutil.copy2(notice, built / notice.name)
+        except diskspace.DiskFull as e:  # told as writing `target`, not the scratch folder
+            raise e.at(target, f"nothing was written to {target}; free space and convert again") from None
         try:
             os.rename(built, target)
         except OSError as e:

@@ -5,11 +5,14 @@ identity (weights, tokenizer, config), the compute dtype, its chat template, the
 policy and the template arguments; inside, each entry is keyed by the sample's content id. Entries are
 appended as checksummed JSON lines to a shard file owned by one process, so two
 processes (or data-parallel ranks) never write the same file, an interrupted run loses
-at most the batch in flight, and a corrupt or truncated line is detected and rescored.
+at most the batch in flight, and a corrupt or truncated line is detected and rescored. A full
+disk cuts the shard back to its last complete batch and raises DiskFull: the entries already
+there stay valid, and a later run scores the rest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -18,6 +21,8 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+
+from . import diskspace
 
 SCORE_FORMAT = 1
 
@@ -68,11 +73,18 @@ class ScoreCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         if desc is not None and not (self.dir / "meta.json").exists():
             tmp = self.dir / f".meta.{uuid.uuid4().hex}"
-            tmp.write_text(json.dumps(desc, indent=1, sort_keys=True))
-            os.replace(tmp, self.dir / "meta.json")
+            text = json.dumps(desc, indent=1, sort_keys=True)
+            try:
+                with diskspace.writing(self.dir / "meta.json", len(text), "the score cache is unchanged"):
+                    tmp.write_text(text)
+                os.replace(tmp, self.dir / "meta.json")
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
         self.entries: dict[str, tuple[float, int]] = {}
         self.corrupt = 0
-        self._shard = None
+        self._shard: int | None = None  # this process's shard, an O_APPEND descriptor
+        self._shard_path: Path | None = None
         self.reload()
 
     def reload(self) -> None:
@@ -90,18 +102,33 @@ class ScoreCache:
         return self.entries.get(uid)
 
     def put(self, items: list[tuple[str, float, int]]) -> None:
-        """Append entries durably (flush + fsync) to this process's shard."""
+        """Append entries durably (fsync) to this process's shard, all of them or none."""
+        data = b"".join(_encode(uid, lp, n) for uid, lp, n in items)
+        hint = (f"the {len(self.entries)} scores already in the cache are intact and {len(items)} were not "
+                "stored; free space and run again to score the rest")
         if self._shard is None:
-            self._shard = open(self.dir / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl", "ab")
+            path = self.dir / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+            with diskspace.writing(path, len(data), hint):
+                self._shard = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
+                                      0o644)
+            self._shard_path = path
+        start = os.fstat(self._shard).st_size
+        try:
+            with diskspace.writing(self._shard_path, len(data), hint):
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._shard, view):]
+                os.fsync(self._shard)
+        except BaseException:
+            with contextlib.suppress(OSError):  # no half line left behind (shrinking needs no space)
+                os.ftruncate(self._shard, start)
+            raise
         for uid, lp, n in items:
-            self._shard.write(_encode(uid, lp, n))
             self.entries[uid] = (float(lp), int(n))
-        self._shard.flush()
-        os.fsync(self._shard.fileno())
 
     def close(self) -> None:
         if self._shard is not None:
-            self._shard.close()
+            os.close(self._shard)
             self._shard = None
 
 

@@ -8,6 +8,7 @@ traced back to its run. The token comes from `huggingface_hub.get_token()` (HF_T
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import re
@@ -318,7 +319,50 @@ def push(
             commit_message=message,
             allow_patterns=[glob.escape(f.path) for f in files],
         )
-    except (HfHubHTTPError, HTTPError, OSError) as e:  # HTTPError: the client's transport errors
-        raise HubError(f"the push to {repo_id} failed: {e}") from None
+    except (HfHubHTTPError, HTTPError, OSError, ValueError) as e:  # HTTPError: the client's transport errors
+        raise HubError(push_failure(e, repo_id, api.endpoint, token)) from None
     return files
+
+
+# What the request that failed was doing, by its URL.
+_STEPS = (("/api/repos/create", "creating the repository"), ("/api/validate-yaml", "checking the model card"),
+          ("/preupload/", "preparing the upload"), ("/commit/", "committing the files"),
+          ("/info/lfs/", "uploading large files"), ("/api/", "talking to the Hub"))
+_RETRIED = ("/preupload/", "/commit/", "/info/lfs/")  # where huggingface_hub retries (http_backoff)
+
+
+def push_failure(e: Exception, repo_id: str, endpoint: str, token: str | None) -> str:
+    """One line: what failed, at which step, whether it was retried, what to do; never the token."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    response = getattr(e, "response", None) if isinstance(e, HfHubHTTPError) else None
+    url = ""
+    with contextlib.suppress(Exception):  # httpx errors raise when they carry no request
+        url = str(response.request.url if response is not None else e.request.url)
+    step = next((what for key, what in _STEPS if key in url), "uploading")
+    retried = " (after huggingface_hub's retries)" if any(k in url for k in _RETRIED) else ""
+    again = f"run the same push again to complete {repo_id}"
+    server = " ".join(str(getattr(e, "server_message", "") or "").split())[:200]
+    detail = f": {server}" if server else ""
+    if response is not None:
+        code = response.status_code
+        if code == 401:
+            text = (f"the Hub at {endpoint} refused the token (401 Unauthorized) while {step}{detail}; it is "
+                    "invalid or expired: set HF_TOKEN or run `hf auth login` again")
+        elif code == 403:
+            text = (f"the token may not write to {repo_id} (403 Forbidden) while {step}{detail}; use a token "
+                    f"with write access to {repo_id.split('/')[0]}, or push to a namespace you own")
+        elif code >= 500 or code in (408, 429):
+            text = f"the Hub answered {code} {response.reason_phrase} while {step}{retried}{detail}; {again}"
+        else:
+            text = f"the Hub refused the push ({code} {response.reason_phrase}) while {step}{detail}"
+    elif isinstance(e, json.JSONDecodeError):  # a proxy's error page instead of the Hub's JSON
+        text = f"the Hub answered with something that is not JSON (a proxy's error page?) while {step}; {again}"
+    elif isinstance(e, ValueError):  # e.g. model card metadata the Hub rejects
+        text = f"the Hub refused the push while {step}: {' '.join(str(e).split())[:300]}"
+    else:
+        text = (f"the connection to {endpoint} failed while {step}{retried} ({type(e).__name__}: "
+                f"{' '.join(str(e).split())[:200]}); {again}")
+    text = f"the push to {repo_id} failed: {text}"
+    return text.replace(token, "hf_***") if token else text
 

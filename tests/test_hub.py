@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,47 +22,83 @@ from click.testing import CliRunner
 
 from poft_mlx import __version__
 from poft_mlx.cli import main
-from poft_mlx.hub import HubError, collect_provenance, model_card, push
+from poft_mlx.hub import HubError, collect_provenance, model_card, push, upload_files
 
 TOKEN = "hf_TestSecretToken0123456789abcdefXYZ"
 
 
 class FakeHub:
-    """Records requests; every file is 'regular' (inline base64 in the commit, no LFS)."""
+    """Records requests; every file is 'regular' (inline base64 in the commit, no LFS).
+
+    `faults[kind]` lists what the next requests of a kind (create, validate, preupload, commit)
+    get instead of an answer, one entry per request: an HTTP status ("500", "401", "403"), "html"
+    (a 502 proxy page that is not JSON), or "drop", which reads part of the request and closes the
+    connection without answering (a connection lost mid-upload). `repos` holds each repository's files after its commits.
+    """
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, str, str | None]] = []  # method, path, authorization
         self.created: list[dict] = []
         self.commits: list[dict] = []
         self.validated: list[str] = []
+        self.faults: dict[str, list[str]] = {}
+        self.injected: list[tuple[str, str]] = []  # (kind, fault) as they happened
+        self.repos: dict[str, dict[str, bytes]] = {}
         hub = self
 
+        def kind_of(path: str) -> str:
+            if path == "/api/repos/create":
+                return "create"
+            if path == "/api/validate-yaml":
+                return "validate"
+            return "preupload" if "/preupload/" in path else "commit" if "/commit/" in path else "other"
+
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as the Hub: a dropped connection is a real one
+
             def log_message(self, *args) -> None:  # keep test output clean
                 pass
 
             def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 hub.requests.append(("POST", self.path, self.headers.get("Authorization")))
                 path = self.path.split("?")[0]
-                if path == "/api/repos/create":
+                length = int(self.headers.get("Content-Length", 0))
+                kind = kind_of(path)
+                fault = (hub.faults.get(kind) or [None]).pop(0) if hub.faults.get(kind) else None
+                if fault is not None:
+                    hub.injected.append((kind, fault))
+                    if fault == "drop":  # mid-upload: part of the body read, then the connection is gone
+                        self.rfile.read(min(length, 4096))
+                        self.close_connection = True
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                        return
+                    self.rfile.read(length)
+                    if fault == "html":  # a proxy's error page, not the Hub's JSON
+                        return self.reply_raw(b"<html><body><h1>502 Bad Gateway</h1></body></html>", 502, "text/html")
+                    messages = {"401": "Invalid credentials in Authorization header",
+                                "403": "You don't have the rights to create a model under the namespace",
+                                "500": "Internal Error - We're working hard to fix this as soon as possible!"}
+                    return self.reply({"error": messages.get(fault, "error")}, status=int(fault))
+                body = self.rfile.read(length)
+                if kind == "create":
                     payload = json.loads(body)
                     hub.created.append(payload)
                     return self.reply({"url": f"{hub.url}/{payload['organization']}/{payload['name']}"})
-                if path == "/api/validate-yaml":  # the Hub checks README front matter first
+                if kind == "validate":  # the Hub checks README front matter first
                     hub.validated.append(json.loads(body)["content"])
                     return self.reply({})
-                if "/preupload/" in path:
+                if kind == "preupload":
                     files = json.loads(body)["files"]
                     return self.reply({"files": [{"path": f["path"], "uploadMode": "regular",
                                                   "shouldIgnore": False, "oid": None} for f in files]})
-                if "/commit/" in path:
+                if kind == "commit":
                     lines = [json.loads(line) for line in body.decode().splitlines() if line]
                     files = {v["value"]["path"]: base64.b64decode(v["value"]["content"])
                              for v in lines if v["key"] == "file"}
                     header = next(v["value"] for v in lines if v["key"] == "header")
                     hub.commits.append({"path": path, "summary": header["summary"], "files": files})
                     repo = path.split("/api/models/")[1].split("/commit/")[0]
+                    hub.repos.setdefault(repo, {}).update(files)
                     return self.reply({"commitUrl": f"{hub.url}/{repo}/commit/{'a' * 40}", "commitOid": "a" * 40})
                 self.reply({"error": f"not emulated: {self.path}"}, status=404)
 
@@ -70,16 +107,19 @@ class FakeHub:
                 self.reply({"error": f"not emulated: {self.path}"}, status=404)
 
             def reply(self, payload: dict, status: int = 200) -> None:
-                data = json.dumps(payload).encode()
+                self.reply_raw(json.dumps(payload).encode(), status, "application/json")
+
+            def reply_raw(self, data: bytes, status: int, content_type: str) -> None:
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
 
 
 @pytest.fixture
@@ -268,3 +308,94 @@ def test_card_states_the_objective_own_parameters(tmp_path, objective, shown):
     (run / "config.yaml").write_text(yaml.safe_dump({**config, "objective": objective, "dpo": {"beta": 0.1}}))
     card = model_card(run, "alice/x")
     assert shown in card and "gamma" not in card
+
+
+# ----------------------------------------------------------------------------- the Hub, interrupted
+
+
+@pytest.fixture
+def backoff(monkeypatch) -> list[float]:
+    """huggingface_hub's retry waits (1, 2, 4, 8, 8 s), recorded instead of slept."""
+    import types
+
+    import huggingface_hub.utils._http as http
+
+    waits: list[float] = []
+    monkeypatch.setattr(http, "time", types.SimpleNamespace(sleep=waits.append))
+    return waits
+
+
+def big_folder(folder: Path) -> Path:
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 2048)  # 512 KiB: a drop lands mid-upload
+    return folder
+
+
+def repo_matches_folder(hub: FakeHub, repo: str, folder: Path) -> bool:
+    expected = {f.path: (folder / f.path).read_bytes() for f in upload_files(folder, model_card(folder, repo))}
+    return hub.repos.get(repo) == expected
+
+
+def push_cli(folder: Path, hub: FakeHub, capfd, caplog) -> tuple[int, str]:
+    """`poft-mlx push` with HF_TOKEN set; returns its exit code and everything it printed or logged."""
+    caplog.set_level(logging.DEBUG)
+    result = CliRunner().invoke(main, ["push", str(folder), "alice/tiny-poft", "--endpoint", hub.url])
+    out, err = capfd.readouterr()
+    shown = "\n".join([result.output, out, err, *(r.getMessage() for r in caplog.records)])
+    assert TOKEN not in shown, "the token was printed or logged"
+    return result.exit_code, result.output
+
+
+@pytest.mark.parametrize("fault", ["500", "drop", "html"])
+@pytest.mark.parametrize("kind", ["preupload", "commit"])
+def test_a_transient_failure_is_retried_and_the_push_completes(hub, folder, monkeypatch, backoff, capfd, caplog,
+                                                               kind, fault):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    big_folder(folder)
+    hub.faults = {kind: [fault, fault]}  # twice, then the Hub is back
+    code, output = push_cli(folder, hub, capfd, caplog)
+    assert code == 0, output
+    assert hub.injected == [(kind, fault)] * 2 and backoff == [1, 2]
+    assert repo_matches_folder(hub, "alice/tiny-poft", folder)
+
+
+@pytest.mark.parametrize("kind,fault,says", [
+    ("create", "401", "the Hub at {url} refused the token (401 Unauthorized) while creating the repository: Invalid "
+                      "credentials in Authorization header; it is invalid or expired: set HF_TOKEN or run `hf auth "
+                      "login` again"),
+    ("commit", "401", "the Hub at {url} refused the token (401 Unauthorized) while committing the files: Invalid "
+                      "credentials in Authorization header; it is invalid or expired"),
+    ("create", "403", "the token may not write to alice/tiny-poft (403 Forbidden) while creating the repository: You "
+                      "don't have the rights to create a model under the namespace; use a token with write access "
+                      "to alice, or push to a namespace you own"),
+    ("preupload", "403", "the token may not write to alice/tiny-poft (403 Forbidden) while preparing the upload"),
+    ("create", "500", "the Hub answered 500 Internal Server Error while creating the repository: Internal Error - "
+                      "We're working hard to fix this as soon as possible!; run the same push again to complete "
+                      "alice/tiny-poft"),
+    ("create", "drop", "the connection to {url} failed while creating the repository (RemoteProtocolError: Server "
+                       "disconnected without sending a response.); run the same push again to complete alice/tiny-poft"),
+    ("validate", "html", "the Hub answered with something that is not JSON (a proxy's error page?) while uploading; "
+                         "run the same push again"),
+    ("commit", "500", "the Hub answered 500 Internal Server Error while committing the files (after huggingface_hub's "
+                      "retries): Internal Error"),
+    ("commit", "drop", "the connection to {url} failed while committing the files (after huggingface_hub's retries) "
+                       "(RemoteProtocolError: Server disconnected without sending a response.); run the same push "
+                       "again to complete alice/tiny-poft"),
+])
+def test_a_failed_push_is_one_clear_line_and_a_second_push_completes_the_repository(
+        hub, folder, monkeypatch, backoff, capfd, caplog, kind, fault, says):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    big_folder(folder)
+    hub.faults = {kind: [fault] * 10}  # as long as the client tries
+    code, output = push_cli(folder, hub, capfd, caplog)
+    assert code == 1 and "Traceback" not in output, output
+    lines = output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: the push to alice/tiny-poft failed: "), output
+    assert says.format(url=hub.url) in lines[0], lines[0]
+    retried = kind in ("preupload", "commit") and fault in ("500", "drop", "html")  # where huggingface_hub retries
+    assert len(hub.injected) == (6 if retried else 1) and backoff == ([1, 2, 4, 8, 8] if retried else [])
+    assert "alice/tiny-poft" not in hub.repos  # nothing committed
+    hub.faults = {}
+    code, output = push_cli(folder, hub, capfd, caplog)
+    assert code == 0, output
+    assert repo_matches_folder(hub, "alice/tiny-poft", folder)
+    assert {auth for _, _, auth in hub.requests} == {f"Bearer {TOKEN}"}  # the token went to the Hub only

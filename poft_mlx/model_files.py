@@ -102,6 +102,9 @@ def check_safetensors(path: str | os.PathLike[str]) -> dict[str, Any]:
         if name == "__metadata__":
             if not isinstance(info, dict):
                 raise _fail(path, "__metadata__ is not an object")
+            bad = next((k for k, v in info.items() if not isinstance(v, str)), None)
+            if bad is not None:
+                raise _fail(path, f"__metadata__ {bad[:60]!r} is not a string (safetensors metadata are strings)")
             continue
         where = f"tensor {name[:200]!r}"
         if not isinstance(info, dict):

@@ -1,10 +1,21 @@
 import os
+import re
 
 import pytest
 
 import poft_mlx  # noqa: F401  (BLAS before mlx)
 
 from tiny import CHATML, QWEN, make_model  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """fuzz_scale runs only when asked for (-m fuzz_scale, or POFT_FUZZ_SCALE=N): not in `pytest -q -ra`."""
+    if re.search(r"(?<!not )\bfuzz_scale\b", config.getoption("-m") or "") or os.environ.get("POFT_FUZZ_SCALE"):
+        return
+    skip = pytest.mark.skip(reason="fuzz_scale: run with -m fuzz_scale or POFT_FUZZ_SCALE=N")
+    for item in items:
+        if "fuzz_scale" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

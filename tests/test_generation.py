@@ -196,3 +196,24 @@ def test_stop_strings_end_a_reply_where_the_text_first_contains_one(tiny_models)
     n = next(i for i in range(1, 13) if stop in gen.tokenizer.decode(free[0].tokens[:i]))
     assert got[0].tokens == free[0].tokens[:n] and n < 12
     assert got[1].tokens == free[1].tokens and got[1].text == free[1].text
+
+
+def test_quickstart_runs_end_to_end_and_reports_generation(tmp_path, tiny_models):
+    """The quickstart's steps on the tiny models (the real ones take minutes): noisy data, PoFT
+    and SFT, then the generation evaluation with GSM8K answers checked and one example."""
+    from poft_mlx.evaluation import markdown
+    from poft_mlx.quickstart import example_answers, run_quickstart
+
+    sets = [f"model={tiny_models['target']}", f"aligned=[{{model: {tiny_models['aligned_a']}}}]",
+            "data.max_seq_length=512", "train.epochs=1", "score.batch_size=4"]
+    res = run_quickstart(tmp_path / "qs", sets, sizes={"train": 8, "valid": 4, "test": 3},
+                         generate={"max_tokens": 6, "batch_size": 3})
+    train = [json.loads(x) for x in (res["out"] / "data" / "train.jsonl").read_text().splitlines()]
+    assert sum("noise" in r for r in train) == 2  # round(0.3 * 8)
+    ev = res["eval"]
+    assert list(ev["models"]) == ["base", "poft", "sft"] and ev["settings"]["answer"] == "gsm8k"
+    assert all("correct" in ev["models"][m] and "aligned_lp" in ev["models"][m] for m in ev["models"])
+    assert (res["eval_dir"] / "eval.html").is_file()
+    md, ex = markdown(ev), example_answers(ev)
+    assert "| poft |" in md and "sft - poft" in md
+    assert ex.startswith("Q: ") and all(f"\n{m}" in ex for m in ("base", "poft", "sft"))

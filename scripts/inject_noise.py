@@ -1,19 +1,7 @@
 #!/usr/bin/env python
-"""Inject noise into an SFT data set, as in the PoFT paper's noise ablation (docs/poft.md §3).
+"""Inject noise into an SFT data set (JSONL), as in the PoFT paper's noise ablation.
 
-A chosen share of the records becomes noisy, split between two kinds:
-
-    mismatch   the response is replaced by another record's response (prompt and reply
-               no longer belong together)
-    chars      characters of the response are inserted, deleted and substituted
-               (edits = max(1, round(char_rate * length)))
-
-Each noisy record gets a metadata field "noise" ("mismatch" | "chars") plus where its reply
-came from ("noise_from": the donor's line) or how many edits it took ("noise_edits"), so that
-`poft-mlx report` can show where the noisy samples land. The response is the last assistant
-turn of a chat record, or the completion of a prompt/completion record. Clean records are
-copied byte for byte, in their order, so their content ids (and cached scores) are unchanged.
-The same input, share and seed give the same output.
+What the noise is and how records are marked: poft_mlx/noise.py (this is its command line).
 
     python scripts/inject_noise.py train.jsonl train_noisy.jsonl --share 0.3 --seed 0
 """

@@ -38,7 +38,7 @@ from mlx.utils import tree_flatten, tree_map
 
 import poft_mlx  # noqa: F401
 from poft_mlx import modeling
-from tiny import matmul_tol
+from tiny import Enc, matmul_tol
 
 VOCAB = 128
 TOKENS = 96  # token ids drawn below this: ids above it stay free for phi3small's masked ids
@@ -307,13 +307,6 @@ def build(name, tied=None):
     mx.eval(model.parameters())
     model.eval()
     return model
-
-
-class Enc:
-    def __init__(self, tokens, start):
-        self.tokens = np.asarray(tokens, np.int32)
-        self.mask = np.zeros(len(tokens), bool)
-        self.mask[start:] = True
 
 
 def encodings(seed=0):

@@ -14,7 +14,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 import poft_mlx  # noqa: F401
 from poft_mlx import kernels, modeling
 from poft_mlx.losses import poft_loss
-from tiny import matmul_tol
+from tiny import Enc, matmul_tol
 
 
 def close(a, b, rel=1e-5):
@@ -62,13 +62,6 @@ def tiny_model(vocab=500, tied=True):
     model.update(tree_map(lambda p: p + 0.05, model.trainable_parameters()))  # nonzero lora_b
     mx.eval(model.parameters())
     return model
-
-
-class Enc:
-    def __init__(self, tokens, start):
-        self.tokens = np.asarray(tokens, np.int32)
-        self.mask = np.zeros(len(tokens), bool)
-        self.mask[start:] = True
 
 
 def batch(vocab, lengths, seed=0):

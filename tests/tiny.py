@@ -75,6 +75,17 @@ def make_model(folder: Path, *, vocab_size: int = 300, arch: str = "llama", seed
     return folder
 
 
+class Enc:
+    """An encoding for make_batch: `tokens`, supervised from position `start` on."""
+
+    def __init__(self, tokens, start):
+        import numpy as np
+
+        self.tokens = np.asarray(tokens, np.int32)
+        self.mask = np.zeros(len(tokens), bool)
+        self.mask[start:] = True
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path

@@ -217,3 +217,23 @@ def test_quickstart_runs_end_to_end_and_reports_generation(tmp_path, tiny_models
     md, ex = markdown(ev), example_answers(ev)
     assert "| poft |" in md and "sft - poft" in md
     assert ex.startswith("Q: ") and all(f"\n{m}" in ex for m in ("base", "poft", "sft"))
+
+
+def test_chat_keeps_the_history_and_resets(tiny_run, monkeypatch):
+    """Two turns, /reset, one more turn: the second prompt holds the first exchange, the third does not."""
+    import poft_mlx.generation as generation
+
+    seen = []
+    real = generation.generate
+
+    def spy(gen, conversations, **kw):
+        seen.append([dict(m) for m in conversations[0]])
+        return real(gen, conversations, **kw)
+
+    monkeypatch.setattr(generation, "generate", spy)
+    r = CliRunner().invoke(main, ["chat", str(tiny_run / "run"), "--max-tokens", "4"],
+                           input="Hello!\nWhat is 1 plus 1?\n/reset\nSay hello 3.\n/exit\n", catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert r.output.count("model> ") == 3 and "(history cleared)" in r.output
+    assert [m["role"] for m in seen[1]] == ["user", "assistant", "user"] and seen[1][0]["content"] == "Hello!"
+    assert seen[2] == [{"role": "user", "content": "Say hello 3."}]

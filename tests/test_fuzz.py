@@ -411,6 +411,7 @@ ARGV_COMMANDS = {
     "fuse": ["--keep-quantization", "--no-check", "--tol", "--base", "--peft"],
     "export-peft": ["--base-model-name", "--base"],
     "push": ["--private", "--dry-run", "--endpoint", "--message"],
+    "plot": ["-o", "--out", "--svg"],
     "generate": ["-p", "--prompt", "--max-tokens", "--temp", "--top-p", "--seed", "--system", "--chat-template",
                  "--adapter-path", "--batch-size"],
 }

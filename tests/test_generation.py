@@ -214,6 +214,7 @@ def test_quickstart_runs_end_to_end_and_reports_generation(tmp_path, tiny_models
     assert list(ev["models"]) == ["base", "poft", "sft"] and ev["settings"]["answer"] == "gsm8k"
     assert all("correct" in ev["models"][m] and "aligned_lp" in ev["models"][m] for m in ev["models"])
     assert (res["eval_dir"] / "eval.html").is_file()
+    assert res["plot"] == res["out"] / "curves.png" and res["plot"].read_bytes()[:4] == b"\x89PNG"
     md, ex = markdown(ev), example_answers(ev)
     assert "| poft |" in md and "sft - poft" in md
     assert ex.startswith("Q: ") and all(f"\n{m}" in ex for m in ("base", "poft", "sft"))

@@ -235,13 +235,14 @@ def _check_sizes(path: Path, config: dict[str, Any], prefix: str) -> None:
 
 # ------------------------------------------------------------------------------- chat templates
 
+
 def _escapes(name: Any) -> bool:
     """__class__, __globals__, _TemplateReference__context: dunders and name-mangled privates."""
     return isinstance(name, str) and name.startswith("_") and "__" in name
 
 
 def check_template(template: Any, where: str) -> None:
-    """Refuse a Jinja chat template that reaches for underscore attributes (sandbox escapes).
+    """Refuse a Jinja chat template that reaches for dunder or name-mangled attributes (sandbox escapes).
 
     Rendering happens only in transformers' ImmutableSandboxedEnvironment, which blocks these at
     run time too; this check names the file before any rendering. Unparsable templates pass:

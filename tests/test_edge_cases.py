@@ -290,7 +290,7 @@ def test_two_ranks_take_the_last_one_sample_group_like_one_process(tmp_path, tin
     from click.testing import CliRunner
 
     from poft_mlx.cli import main
-    from test_distributed import ADAPTER_ATOL, BIN, LOSS_RTOL, finish, start_ranks
+    from test_distributed import BIN, LOSS_RTOL, finish, start_ranks
     from tiny import gsm_like, write_jsonl, write_tiny_config
 
     cfg = write_tiny_config(tmp_path, tiny_models, aligned=[], objective="sft", adapter={"rank": 4, "alpha": 8},
@@ -312,5 +312,8 @@ def test_two_ranks_take_the_last_one_sample_group_like_one_process(tmp_path, tin
         assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_RTOL)
     w1 = mx.load(str(tmp_path / "one" / "adapters" / "adapters.safetensors"))
     w2 = mx.load(str(tmp_path / "two" / "adapters" / "adapters.safetensors"))
+    # Float noise from the per-rank batch shapes: up to 1.9e-4 measured with OpenBLAS's Haswell
+    # sgemm kernel (OPENBLAS_CORETYPE=Haswell; SkylakeX agrees to ~1e-5), against 0.24 between a
+    # 5-step and a 6-step run of this config: 2e-3 is ~10x the noise and ~100x below a step.
     for k in w1:
-        np.testing.assert_allclose(np.array(w2[k]), np.array(w1[k]), atol=ADAPTER_ATOL)
+        np.testing.assert_allclose(np.array(w2[k]), np.array(w1[k]), atol=2e-3)

@@ -192,7 +192,9 @@ def eval_cmd(configs, overrides, data, base, json_out, gen, out_dir, answer, max
         for name, tasks in harness.items():
             rows[name]["lm_eval"] = tasks
     if json_out and is_main():
-        Path(json_out).write_text(json.dumps(rows, indent=1))
+        from .evaluation import jsonable
+
+        Path(json_out).write_text(json.dumps(jsonable(rows), indent=1))
 
 
 def format_table(rows: dict) -> str:

@@ -150,7 +150,7 @@ def aligned_scores(cfg, prompts: list[Prompt], replies: list[str], log=print) ->
     return out
 
 
-def generate_for(name: str, gen, prompts: list[Prompt], extract, *, max_tokens: int, batch_size: int,
+def generate_for(gen, prompts: list[Prompt], extract, *, max_tokens: int, batch_size: int,
                  temperature: float, seed: int) -> dict:
     from .generation import generate
 
@@ -209,7 +209,7 @@ def run_generation_eval(configs: dict, data: str, out_dir: str | Path, *, answer
     for name, (cfg, adapters) in configs.items():
         log(f"eval: {name}: generating {len(prompts)} replies (max {max_tokens} tokens)")
         gen = open_generator(name, cfg=cfg, adapter_path=adapters)
-        per_model[name] = generate_for(name, gen, prompts, extract, max_tokens=max_tokens, batch_size=batch_size,
+        per_model[name] = generate_for(gen, prompts, extract, max_tokens=max_tokens, batch_size=batch_size,
                                        temperature=temperature, seed=seed)
         per_model[name]["chat_template"] = gen.source["chat_template"]
         likelihood[name] = run_eval(cfg, data, adapters, loaded=gen.loaded)
@@ -229,21 +229,22 @@ def run_generation_eval(configs: dict, data: str, out_dir: str | Path, *, answer
          "reference_answer": extract(p.reference) if extract else None,
          **{name: {k: v[i] for k, v in m.items() if isinstance(v, list)} for name, m in per_model.items()}}
         for i, p in enumerate(prompts)]}
-    (out / "eval.json").write_text(json.dumps(_jsonable(result), indent=1))
+    (out / "eval.json").write_text(json.dumps(jsonable(result), indent=1))
     (out / "eval.md").write_text(markdown(summary))
     (out / "eval.html").write_text(html_page(summary, result["samples"], list(per_model)))
     return result
 
 
-def _jsonable(x):
+def jsonable(x):
+    """x with NaN and infinities as None (JSON has neither)."""
     if isinstance(x, float) and not np.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {k: jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, (np.floating, np.integer)):
-        return _jsonable(x.item())
+        return jsonable(x.item())
     return x
 
 

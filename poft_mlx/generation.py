@@ -89,7 +89,9 @@ def open_generator(source: str, *, chat_template: str | None = None, dtype: str 
         template = chat_template
         info = {"kind": "model", "model": source, "adapters": adapter_path}
     loaded.model.eval()
-    renderer = Renderer(loaded.tokenizer, chat_template=template, span="last", label=f"model {source}")
+    kwargs = cfg.data.template_kwargs if cfg is not None else None  # as the run rendered its data
+    renderer = Renderer(loaded.tokenizer, chat_template=template, span="last", template_kwargs=kwargs,
+                        label=f"model {source}")
     info["chat_template"] = template or "the tokenizer's"
     return Generator(loaded.model, loaded.tokenizer, renderer, stop_tokens(loaded.tokenizer, renderer),
                      str(source), info, loaded)

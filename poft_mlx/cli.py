@@ -158,24 +158,22 @@ def eval_cmd(configs, overrides, data, base, json_out, gen, out_dir, answer, max
         raise click.UsageError("nothing to evaluate: give run folders and/or --base")
     if data is None and (gen or not lm_tasks):
         raise click.UsageError("Missing option '--data' (held-out JSONL)" + ("" if gen else " or --lm-eval TASKS"))
-    if lm_tasks:
+    if gen or lm_tasks:
         from .distributed import group
 
         if group().size() > 1:
-            raise click.UsageError("eval --lm-eval runs in one process (not under mlx.launch / mpirun)")
+            flag = "--generate" if gen else "--lm-eval"
+            raise click.UsageError(f"eval {flag} runs in one process (not under mlx.launch / mpirun)")
     rows = {name: {} for name in models}
     if gen:
-        from .distributed import group
         from .evaluation import markdown, run_generation_eval
 
-        if group().size() > 1:
-            raise click.UsageError("eval --generate runs in one process (not under mlx.launch / mpirun)")
         result = _run(run_generation_eval, models, data, out_dir, answer=answer, max_tokens=max_tokens,
                       batch_size=gen_batch_size, temperature=temperature, limit=limit,
                       log=lambda m: click.echo(m, err=True))
         click.echo(markdown(result))
         click.echo(f"written: {Path(out_dir) / 'eval.md'}, eval.json, eval.html (the answers side by side)")
-        rows = {name: row for name, row in result["models"].items()}
+        rows = dict(result["models"])
     elif data is not None:
         rows = {name: _run(run_eval, cfg, data, adapters) for name, (cfg, adapters) in models.items()}
         _echo_once(format_table(rows))

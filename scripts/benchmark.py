@@ -576,10 +576,11 @@ def section_generate(args, path, renderer, samples, report) -> dict:
     from mlx_lm.generate import batch_generate
     from mlx_lm.utils import load
 
+    from poft_mlx.evaluation import prompts_of
     from poft_mlx.generation import generate_tokens, open_generator
 
     n = args.gen_batch_size * args.gen_batches
-    convs = [s.messages[:max(i for i, m in enumerate(s.messages) if m["role"] == "assistant")] for s in samples[:n]]
+    convs = [p.messages for p in prompts_of(samples[:n])]
     prompts = [list(renderer.tok(renderer.apply(c, True), add_special_tokens=False)["input_ids"]) for c in convs]
 
     gen = open_generator(str(path))

@@ -1,9 +1,9 @@
 """poft-mlx: Preference-Oriented Supervised Fine-Tuning (arXiv 2412.12865) on MLX."""
 
-from ._blas import preload as _preload_blas
-from ._malloc import tune as _tune_malloc
+from .runtime.blas import preload as _preload_blas
+from .runtime.malloc import tune as _tune_malloc
 
-# Must happen before anything imports mlx (see _blas.py) or allocates much (see _malloc.py).
+# Must happen before anything imports mlx (see runtime/blas.py) or allocates much (see runtime/malloc.py).
 _preload_blas()
 _tune_malloc()
 

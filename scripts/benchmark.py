@@ -12,7 +12,7 @@ Sections (--sections, default all; docs/benchmarks.md explains every number):
   memory  PoFT with the aligned model resident (scored each step) against cached scores
   vocab   peak memory of a training step at a 262k vocabulary as the batch grows (synthetic model)
   quant   a 4-bit copy of the model: dequantize-then-matmul against quantized_matmul, and float32
-  generate  batched greedy generation: poft-mlx (poft_mlx.generation) against mlx-lm's own
+  generate  batched greedy generation: poft-mlx (poft_mlx.models.generation) against mlx-lm's own
           batch_generate on the same model, prompts (GSM8K questions, chat template) and batch size
 
 Throughput counts non-padding tokens, the same way for every contender: the sum of the unpadded
@@ -43,13 +43,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from poft_mlx import modeling
+from poft_mlx.models import modeling
 from poft_mlx.config import AdapterConfig, AlignedModel, Config, ScoreConfig, TrainConfig
-from poft_mlx.data import DataError, Sample, parse_record
-from poft_mlx.losses import poft_loss, sft_loss
-from poft_mlx.flops import FlopCount, matmul_peak
-from poft_mlx.render import Renderer, fit_length
-from poft_mlx.trainer import Dataset
+from poft_mlx.data.records import DataError, Sample, parse_record
+from poft_mlx.training.objectives import poft_loss, sft_loss
+from poft_mlx.models.flops import FlopCount, matmul_peak
+from poft_mlx.data.render import Renderer, fit_length
+from poft_mlx.training.loop import Dataset
 
 from benchmark_report import render, targets
 
@@ -183,7 +183,7 @@ class TimedDataset(Dataset):
 def batch_order(perm):
     """Make poft-mlx's trainer visit mlx-lm's batches (consecutive runs of the length-sorted
     samples) in `perm` order (the one mlx-lm will use)."""
-    import poft_mlx.trainer as trainer
+    import poft_mlx.training.loop as trainer
 
     def sorted_groups(lengths, size, seed, epoch):
         order = np.argsort(lengths, kind="stable")
@@ -213,7 +213,7 @@ def cpu_kernels(on: bool):
 
 def run_poft(objective, path, data, perm, args, *, reference=None, kernels=True) -> tuple[Clock, float, FlopCount]:
     """poft-mlx's train() on `data`, visiting batches in `perm` order; kernels=False: MLX's own ops."""
-    from poft_mlx.trainer import build_optimizer, train
+    from poft_mlx.training.loop import build_optimizer, train
 
     loaded = modeling.load(str(path))
     flops = FlopCount.of(loaded.model)
@@ -244,7 +244,7 @@ def run_mlx_lm(path, encs, perm, args, kernels: bool = False) -> tuple[Clock, fl
 
     kernels: run mlx-lm's trainer with poft-mlx's CPU kernels patched in (attribution only).
     """
-    from poft_mlx import kernels as cpu_kernels
+    from poft_mlx.runtime import kernels as cpu_kernels
 
     import mlx.optimizers as optim
     from mlx_lm.tuner import trainer as lt
@@ -295,8 +295,8 @@ def section_train(args, path, renderer, samples, peaks, report, *, long: bool = 
     """PoFT (cached), SFT and mlx-lm on the same batches; PoFT resident in the memory section.
 
     long: PoFT (cached) and mlx-lm only, on chats of exactly --max-len tokens."""
-    from poft_mlx.references import ResidentReference, open_aligned
-    from poft_mlx.scoring import lookup, score_samples
+    from poft_mlx.scoring.references import ResidentReference, open_aligned
+    from poft_mlx.scoring.cache import lookup, score_samples
 
     n = (args.warmup + args.steps + 1) * args.batch_size
     if long:
@@ -391,7 +391,7 @@ def plain_logprobs(model, encs) -> mx.array:
 
 
 def section_score(args, path, renderer, samples, peaks, report) -> dict:
-    from poft_mlx.scoring import ScoreCache, score_samples
+    from poft_mlx.scoring.cache import ScoreCache, score_samples
 
     kept, encs = encode_all(samples, renderer, args.max_len)
     order = np.argsort([len(e.tokens) for e in encs], kind="stable")
@@ -576,8 +576,8 @@ def section_generate(args, path, renderer, samples, report) -> dict:
     from mlx_lm.generate import batch_generate
     from mlx_lm.utils import load
 
-    from poft_mlx.evaluation import prompts_of
-    from poft_mlx.generation import generate_tokens, open_generator
+    from poft_mlx.evaluation.answers import prompts_of
+    from poft_mlx.models.generation import generate_tokens, open_generator
 
     n = args.gen_batch_size * args.gen_batches
     convs = [p.messages for p in prompts_of(samples[:n])]
@@ -675,7 +675,7 @@ def main(argv=None) -> int:
 
     from mlx_lm.utils import load_tokenizer
 
-    from poft_mlx import _blas
+    from poft_mlx.runtime import blas as _blas
 
     load_before = os.getloadavg()[0]
     peaks = [matmul_peak()]

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from poft_mlx.noise import KINDS, corrupt_chars, inject, inject_file, response_of, with_response  # noqa: F401
+from poft_mlx.data.noise import KINDS, corrupt_chars, inject, inject_file, response_of, with_response  # noqa: F401
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],

@@ -13,17 +13,17 @@ PRIMARY METRIC (fixed before any run):
     log-likelihood of each reply under the target, averaged over the held-out replies),
     PoFT minus SFT, after the last epoch, separately at 0 %, 30 % and 50 % noise.
     Negative favours PoFT. Its 95 % interval is the paired bootstrap over held-out prompts
-    of the per-prompt difference averaged over seeds (poft_mlx.evaluation.bootstrap_diff);
+    of the per-prompt difference averaged over seeds (poft_mlx.evaluation.answers.bootstrap_diff);
     the seed-level 95 % t-interval (one difference per seed) stands next to it. A
     difference counts as detected only when both intervals exclude 0.
 Secondary: the same difference at every epoch; how much each method loses to noise
 (CE at 30 %/50 % minus CE at 0 %, and PoFT's loss minus SFT's); the spread over epochs;
 the PoFT weights tau of noisy vs clean training samples; GSM8K accuracy of greedy
-generations and the aligned models' log-likelihood of them (poft_mlx.evaluation); which
+generations and the aligned models' log-likelihood of them (poft_mlx.evaluation.answers); which
 reply a model prefers of a held-out reference and its corrupted copy.
 
 Stages (every difference gets both intervals):
-  1. noise ablation on GSM8K: 0 %, 30 %, 50 % of the training pairs noisy (poft_mlx.noise:
+  1. noise ablation on GSM8K: 0 %, 30 %, 50 % of the training pairs noisy (poft_mlx.data.noise:
      mismatched replies and character edits), SFT vs PoFT, >= 3 seeds, evaluated after
      every epoch 1..N (each epoch's checkpoint) and the base model as epoch 0;
   2. composition with filtering: the 30 %-noise set filtered to its top 40 % by preference
@@ -247,7 +247,7 @@ def read_lines(path: Path) -> list[dict]:
 
 
 def write_lines(path: Path, records) -> Path:
-    from poft_mlx.data import write_jsonl
+    from poft_mlx.data.records import write_jsonl
 
     write_jsonl(records, path)
     return path
@@ -274,7 +274,7 @@ def seed_interval(values) -> dict:
 
 def prompt_interval(by_seed: dict) -> dict:
     """Mean over prompts of the seed-averaged per-prompt values, with its bootstrap interval."""
-    from poft_mlx.evaluation import bootstrap_mean
+    from poft_mlx.evaluation.answers import bootstrap_mean
 
     if not by_seed:
         return {"mean": None, "lo": None, "hi": None, "n": 0}
@@ -293,7 +293,7 @@ def describe(by_seed: dict) -> dict:
 def compare(a_by_seed: dict, b_by_seed: dict) -> dict:
     """b minus a, paired by seed and prompt: the paired bootstrap over prompts of the
     seed-averaged per-prompt difference, and the seed-level t-interval of per-seed differences."""
-    from poft_mlx.evaluation import bootstrap_diff
+    from poft_mlx.evaluation.answers import bootstrap_diff
 
     seeds = [s for s in a_by_seed if s in b_by_seed]
     if not seeds:
@@ -341,9 +341,9 @@ def two_sample(a, b, *, n_resamples: int = 10_000, seed: int = 0) -> dict:
 
 def make_data(out: Path, S: dict, args) -> dict:
     """Every data set of the replication, written once into OUT/data (reused on a rerun)."""
-    from poft_mlx.datasets import split_gsm8k
-    from poft_mlx.noise import inject, inject_file
-    from poft_mlx.sharegpt import sharegpt_chats
+    from poft_mlx.data.builtin import split_gsm8k
+    from poft_mlx.data.noise import inject, inject_file
+    from poft_mlx.data.sharegpt import sharegpt_chats
 
     d = out / "data"
     manifest_file = d / "manifest.json"
@@ -409,9 +409,9 @@ def count_tokens(files: dict, S: dict, args) -> dict:
     training and the time estimate need: steps per epoch follow from the sample counts)."""
     from mlx_lm.utils import load_tokenizer
 
-    from poft_mlx.dpo import prepare_pairs
-    from poft_mlx.modeling import resolve
-    from poft_mlx.pipeline import prepare, target_renderer
+    from poft_mlx.training.dpo import prepare_pairs
+    from poft_mlx.models.modeling import resolve
+    from poft_mlx.training.pipeline import prepare, target_renderer
 
     tok = load_tokenizer(resolve(args.target))
     out = {}
@@ -559,9 +559,9 @@ class Policies:
         import mlx.core as mx
         from mlx.utils import tree_flatten
 
-        from poft_mlx import modeling
-        from poft_mlx.dpo import load_policy
-        from poft_mlx.pipeline import target_renderer
+        from poft_mlx.models import modeling
+        from poft_mlx.training.dpo import load_policy
+        from poft_mlx.training.pipeline import target_renderer
 
         key = (cfg.model, cfg.init_adapters, adapters is not None, json.dumps(clean(vars(cfg.adapter)), sort_keys=True))
         if key != self.key:
@@ -584,10 +584,10 @@ class Policies:
         """Per sample: CE (token-mean NLL of the supervised replies), r_ref, tau, noise mark."""
         import mlx.core as mx
 
-        from poft_mlx.modeling import batch_logprobs
-        from poft_mlx.pipeline import prepare
-        from poft_mlx.references import open_aligned, reference_scores
-        from poft_mlx.trainer import Dataset
+        from poft_mlx.models.modeling import batch_logprobs
+        from poft_mlx.training.pipeline import prepare
+        from poft_mlx.scoring.references import open_aligned, reference_scores
+        from poft_mlx.training.loop import Dataset
 
         pkey = (path, cfg.data.max_seq_length)
         if pkey not in self.prepared:
@@ -770,7 +770,7 @@ class Replication:
         return target_config(self.args, self.S, max_len=self.S[dataset]["max_seq_length"], train=train)
 
     def do_score(self, gsm_files: list[str], sg_files: list[str]) -> dict:
-        from poft_mlx.pipeline import run_score
+        from poft_mlx.training.pipeline import run_score
 
         self.policies.clear()
         f = self.manifest["files"]
@@ -781,7 +781,7 @@ class Replication:
         return {"files": res}
 
     def do_report(self, tag: str) -> dict:
-        from poft_mlx.report import run_report
+        from poft_mlx.evaluation.report import run_report
 
         path = self.manifest["files"][f"gsm8k_train_{tag}"]
         r = run_report(self.cfg_for("gsm8k", path), path, self.out / "reports" / tag, least=5)
@@ -789,7 +789,7 @@ class Replication:
 
     def do_filter(self) -> dict:
         """`poft-mlx report --keep-top F --out FILE` on the noisy training set (the library call)."""
-        from poft_mlx.report import run_report
+        from poft_mlx.evaluation.report import run_report
 
         f = self.manifest["files"]
         src = f[f"gsm8k_train_{ntag(self.S['filter']['noise'])}"]
@@ -806,8 +806,8 @@ class Replication:
         return {"keep_top": r["keep_top"], "kept_by_kind": kinds, "source_noise": r["noise"]}
 
     def do_train(self, run: Run) -> dict:
-        from poft_mlx.checkpoint import latest_checkpoint
-        from poft_mlx.pipeline import run_train
+        from poft_mlx.training.checkpoint import latest_checkpoint
+        from poft_mlx.training.pipeline import run_train
 
         self.policies.clear()
         cfg = run.config(self.args, self.S, self.out, self.manifest)
@@ -845,7 +845,7 @@ class Replication:
                 "files": {k: self.policies.likelihood(cfg, self.manifest["files"][k]) for k in keys}}
 
     def _generate(self, name: str, cfg, adapters: Path | None, key: str) -> dict:
-        from poft_mlx.evaluation import run_generation_eval
+        from poft_mlx.evaluation.answers import run_generation_eval
 
         self.policies.clear()
         ds = "sharegpt" if key.startswith("sharegpt") else "gsm8k"
@@ -955,7 +955,7 @@ class Replication:
 
 
 def summarize(rep: Replication, units: list[Unit]) -> dict:
-    from poft_mlx.evaluation import bootstrap_mean
+    from poft_mlx.evaluation.answers import bootstrap_mean
 
     S, store = rep.S, rep.store
     seeds = list(range(S["seeds"]))
@@ -1248,7 +1248,7 @@ def _split_by_noise(values, labels):
 
 
 def tau_rows(tag: str, method: str, epoch: int, taus: dict, labels: dict) -> list[dict]:
-    from poft_mlx.evaluation import bootstrap_mean
+    from poft_mlx.evaluation.answers import bootstrap_mean
 
     rows = []
     kinds = sorted({k for lab in labels.values() for k in lab})

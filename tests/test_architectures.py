@@ -37,7 +37,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 import poft_mlx  # noqa: F401
-from poft_mlx import modeling
+from poft_mlx.models import modeling
 from tiny import Enc, matmul_tol
 
 VOCAB = 128

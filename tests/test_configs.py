@@ -22,6 +22,6 @@ def test_paper_config_is_the_papers_setting():
 
 
 def test_quickstart_config_is_the_packaged_one():
-    from poft_mlx.quickstart import QUICKSTART_CONFIG
+    from poft_mlx.recipes.quickstart import QUICKSTART_CONFIG
 
     assert QUICKSTART_CONFIG.read_text() == (ROOT / "configs" / "quickstart.yaml").read_text()

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from poft_mlx.data import DataError, read_jsonl
+from poft_mlx.data.records import DataError, read_jsonl
 
 
 def _write(tmp_path, lines):

@@ -36,8 +36,8 @@ import mlx.core as mx
 import pytest
 from click.testing import CliRunner
 
-from poft_mlx.cli import main
-from poft_mlx.scoring import ScoreCache
+from poft_mlx.cli.main import main
+from poft_mlx.scoring.cache import ScoreCache
 from tiny import write_tiny_config
 
 pytestmark = pytest.mark.distributed
@@ -215,7 +215,7 @@ HANG = """
 import os, signal, sys
 import poft_mlx
 import mlx.core as mx
-from poft_mlx import distributed as dist
+from poft_mlx.runtime import distributed as dist
 dist.set_timeout(float(sys.argv[1]))
 g = dist.group()
 dist.wait(mx.distributed.all_sum(mx.ones(4), group=g), "warming up")

@@ -11,11 +11,11 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import load_adapters
 
-from poft_mlx import modeling
-from poft_mlx.cli import main
+from poft_mlx.models import modeling
+from poft_mlx.cli.main import main
 from poft_mlx.config import AdapterConfig, load_config
-from poft_mlx.dpo import dpo_objective, load_policy, prepare_pairs, reference_logprobs
-from poft_mlx.pipeline import target_renderer
+from poft_mlx.training.dpo import dpo_objective, load_policy, prepare_pairs, reference_logprobs
+from poft_mlx.training.pipeline import target_renderer
 from tiny import matmul_tol, write_jsonl
 
 LOG2 = math.log(2.0)

@@ -25,8 +25,8 @@ def test_aligned_weights_are_bounds_checked(aligned, needle, tmp_path):
 
 def test_the_compute_dtype_is_part_of_the_score_cache_key(tiny_models, tmp_path):
     from poft_mlx.config import AlignedModel, Config
-    from poft_mlx.device import backend
-    from poft_mlx.references import open_aligned
+    from poft_mlx.runtime.device import backend
+    from poft_mlx.scoring.references import open_aligned
 
     def handle(dtype):
         cfg = Config(aligned=[AlignedModel(str(tiny_models["aligned_a"]))])
@@ -45,9 +45,9 @@ def test_the_compute_dtype_is_part_of_the_score_cache_key(tiny_models, tmp_path)
 def _dataset(lengths, r_ref=None):
     import numpy as np
 
-    from poft_mlx.data import Sample
-    from poft_mlx.render import Encoded
-    from poft_mlx.trainer import Dataset
+    from poft_mlx.data.records import Sample
+    from poft_mlx.data.render import Encoded
+    from poft_mlx.training.loop import Dataset
 
     encs = [Encoded(np.arange(n, dtype=np.int32) % 7, np.arange(n) > 0) for n in lengths]
     samples = [Sample([{"role": "assistant", "content": str(i)}], f"f:{i + 1}") for i in range(len(lengths))]
@@ -68,8 +68,8 @@ class _Model:
 def test_val_batches_takes_a_seeded_sample_not_the_shortest(monkeypatch):
     import numpy as np
 
-    from poft_mlx import trainer
-    from poft_mlx.losses import sft_loss
+    from poft_mlx.training import loop as trainer
+    from poft_mlx.training.objectives import sft_loss
 
     lengths = np.array([2 + (7 * i) % 40 for i in range(40)])  # 40 distinct lengths, in no order
     data = _dataset(lengths)
@@ -117,8 +117,8 @@ def chatml_tok(tmp_path_factory):
 
 @pytest.mark.parametrize("reply", ["is", "a", "t", "assistant"])
 def test_a_reply_that_occurs_in_the_assistant_header_is_located_in_the_reply(chatml_tok, reply):
-    from poft_mlx.data import Sample
-    from poft_mlx.render import Renderer
+    from poft_mlx.data.records import Sample
+    from poft_mlx.data.render import Renderer
 
     conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": reply},
             {"role": "user", "content": "and?"}, {"role": "assistant", "content": reply}]
@@ -131,8 +131,8 @@ def test_a_reply_that_occurs_in_the_assistant_header_is_located_in_the_reply(cha
 
 
 def test_a_template_that_is_not_prefix_consistent_is_a_clear_error(chatml_tok):
-    from poft_mlx.data import Sample
-    from poft_mlx.render import Renderer, TemplateError
+    from poft_mlx.data.records import Sample
+    from poft_mlx.data.render import Renderer, TemplateError
 
     counted = "{{ messages | length }}" + CHATML_NO_GENERATION_PROMPT  # the count changes the start
     with pytest.raises(TemplateError, match="target m: the chat template does not render conversations "
@@ -148,9 +148,9 @@ def test_a_template_that_is_not_prefix_consistent_is_a_clear_error(chatml_tok):
 
 def test_a_conversation_cut_in_a_later_prompt_keeps_its_earlier_replies(chatml_tok, tmp_path):
     from poft_mlx.config import Config
-    from poft_mlx.data import Sample
-    from poft_mlx.pipeline import prepare
-    from poft_mlx.render import Renderer
+    from poft_mlx.data.records import Sample
+    from poft_mlx.training.pipeline import prepare
+    from poft_mlx.data.render import Renderer
     from tiny import write_jsonl
 
     long_question = "What is two plus three? " * 20
@@ -179,7 +179,7 @@ def test_a_conversation_cut_in_a_later_prompt_keeps_its_earlier_replies(chatml_t
 def test_each_epoch_draws_new_length_bucketed_groups():
     import numpy as np
 
-    from poft_mlx.trainer import epoch_groups, length_buckets
+    from poft_mlx.training.loop import epoch_groups, length_buckets
 
     lengths = np.random.default_rng(0).integers(5, 400, 200)
     sorted_groups = np.argsort(lengths).reshape(25, 8)
@@ -202,8 +202,8 @@ def test_each_epoch_draws_new_length_bucketed_groups():
 def test_training_epochs_do_not_repeat_the_same_groups(tmp_path, tiny_models, monkeypatch):
     from click.testing import CliRunner
 
-    from poft_mlx import trainer
-    from poft_mlx.cli import main
+    from poft_mlx.training import loop as trainer
+    from poft_mlx.cli.main import main
     from tiny import write_tiny_config
 
     cfg = write_tiny_config(tmp_path, tiny_models, aligned=[], objective="sft", adapter={"rank": 2},
@@ -229,7 +229,7 @@ def test_an_epoch_has_as_many_steps_on_two_ranks_as_on_one(n, batch_size, accum)
     import numpy as np
 
     from poft_mlx.config import TrainConfig
-    from poft_mlx.trainer import epoch_groups, planned_steps, shares, steps_per_epoch
+    from poft_mlx.training.loop import epoch_groups, planned_steps, shares, steps_per_epoch
 
     lengths = np.arange(n) * 3 + 10
     args = TrainConfig(epochs=2, batch_size=batch_size, grad_accumulation_steps=accum)
@@ -257,7 +257,7 @@ def test_a_last_group_smaller_than_the_accumulation_is_a_step_with_the_same_upda
     import numpy as np
     from click.testing import CliRunner
 
-    from poft_mlx.cli import main
+    from poft_mlx.cli.main import main
     from tiny import gsm_like, matmul_tol, write_jsonl, write_tiny_config
 
     cfg = write_tiny_config(tmp_path, tiny_models, aligned=[], objective="sft", adapter={"rank": 2},
@@ -289,7 +289,7 @@ def test_two_ranks_take_the_last_one_sample_group_like_one_process(tmp_path, tin
     import numpy as np
     from click.testing import CliRunner
 
-    from poft_mlx.cli import main
+    from poft_mlx.cli.main import main
     from test_distributed import BIN, LOSS_RTOL, finish, start_ranks
     from tiny import gsm_like, write_jsonl, write_tiny_config
 

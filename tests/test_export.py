@@ -25,9 +25,9 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load_model, quantize_model, save_config
 
-from poft_mlx.cli import main
-from poft_mlx.export import ExportError, FuseCheckError, fuse_run, open_run
-from poft_mlx.peft_export import export_peft
+from poft_mlx.cli.main import main
+from poft_mlx.export.fuse import ExportError, FuseCheckError, fuse_run, open_run
+from poft_mlx.export.peft import export_peft
 
 WORDS = (
     "the quick brown fox jumps over lazy dog while farmer watches from porch write a short poem about "

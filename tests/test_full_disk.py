@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from poft_mlx import checkpoint as ckpt
-from poft_mlx import diskspace
-from poft_mlx.cli import main
-from poft_mlx.scoring import ScoreCache
+from poft_mlx.training import checkpoint as ckpt
+from poft_mlx.runtime import diskspace
+from poft_mlx.cli.main import main
+from poft_mlx.scoring.cache import ScoreCache
 from tiny import write_tiny_config
 
 SIZE = 4 << 20
@@ -230,7 +230,7 @@ def test_fuse_and_convert_on_a_full_disk_leave_no_partial_model(tiny_models, tmp
 
 def test_a_plain_enospc_anywhere_in_a_command_is_one_line(monkeypatch, tmp_path):
     """Writes without their own message (metrics.jsonl, a report) still end in one line."""
-    from poft_mlx import pipeline
+    from poft_mlx.training import pipeline
 
     def full(cfg, files=None):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "metrics.jsonl"))
@@ -245,7 +245,7 @@ def test_a_plain_enospc_anywhere_in_a_command_is_one_line(monkeypatch, tmp_path)
 def test_model_cache_on_a_full_disk_keeps_no_partial_conversion(tmp_path, disk):
     from test_gguf_convert import write_tiny_gguf
 
-    from poft_mlx.modelref import resolve_model
+    from poft_mlx.models.refs import resolve_model
 
     gguf = write_tiny_gguf(tmp_path / "tiny.gguf", "llama")
     disk.fill()

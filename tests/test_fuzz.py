@@ -27,9 +27,9 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from poft_mlx.cli import main
+from poft_mlx.cli.main import main
 from poft_mlx.config import ConfigError, load_config
-from poft_mlx.data import ROLES, DataError, read_jsonl
+from poft_mlx.data.records import ROLES, DataError, read_jsonl
 
 _DEEP = int(os.environ.get("POFT_FUZZ_EXAMPLES", 0))
 
@@ -509,7 +509,7 @@ def safetensors_files(draw):
 def fuzz_safetensors(folder, scale: int | None = None) -> None:
     import mlx.core as mx
 
-    from poft_mlx.model_files import ModelFileError, check_safetensors
+    from poft_mlx.models.files import ModelFileError, check_safetensors
 
     path = folder / "fuzz.safetensors"
 
@@ -572,7 +572,7 @@ def gguf_files(draw, data: bytes, end: int):
 def fuzz_gguf(folder, data: bytes, scale: int | None = None) -> None:
     import gguf
 
-    from poft_mlx.model_files import ModelFileError, check_gguf
+    from poft_mlx.models.files import ModelFileError, check_gguf
 
     path = folder / "fuzz.gguf"
     end = _header_end(data)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from poft_mlx.cli import main
-from poft_mlx.evaluation import bootstrap_diff, bootstrap_mean, gsm8k_answer, regex_answer
+from poft_mlx.cli.main import main
+from poft_mlx.evaluation.answers import bootstrap_diff, bootstrap_mean, gsm8k_answer, regex_answer
 from tiny import write_tiny_config
 
 
@@ -26,7 +26,7 @@ def invoke(*args, ok=True):
 
 def test_gsm8k_extractor_on_the_real_test_split():
     """Every real GSM8K reference answer: the extractor returns the number after '####'."""
-    from poft_mlx.datasets import gsm8k_records
+    from poft_mlx.data.builtin import gsm8k_records
 
     records = gsm8k_records()
     assert len(records) == 1319
@@ -100,8 +100,8 @@ def tiny_run(tmp_path_factory, tiny_models):
 
 
 def test_a_run_generates_with_the_template_it_trained_with(tiny_run, tiny_models):
-    from poft_mlx.generation import open_generator
-    from poft_mlx.render import resolve_template
+    from poft_mlx.models.generation import open_generator
+    from poft_mlx.data.render import resolve_template
 
     gen = open_generator(str(tiny_run / "run"))
     gemma = resolve_template("gemma")
@@ -116,8 +116,8 @@ def test_a_run_generates_with_the_template_it_trained_with(tiny_run, tiny_models
 
 
 def test_fused_folder_and_base_plus_adapters_generate_the_same_greedy_tokens(tiny_run, tiny_models, tmp_path):
-    from poft_mlx.generation import generate, open_generator
-    from poft_mlx.render import resolve_template
+    from poft_mlx.models.generation import generate, open_generator
+    from poft_mlx.data.render import resolve_template
 
     out = tmp_path / "fused"
     invoke("fuse", tiny_run / "run", out)
@@ -132,7 +132,7 @@ def test_fused_folder_and_base_plus_adapters_generate_the_same_greedy_tokens(tin
 
 
 def test_batched_generation_equals_one_prompt_at_a_time(tiny_run):
-    from poft_mlx.generation import generate, open_generator
+    from poft_mlx.models.generation import generate, open_generator
 
     gen = open_generator(str(tiny_run / "run"))
     convs = [[{"role": "user", "content": p}] for p in ("Hello!", "What is 7 plus 2? Tell me now.", "Say hello 3.")]
@@ -180,7 +180,7 @@ def test_eval_generate_writes_tables_json_and_html(tiny_run, tmp_path):
 def test_stop_strings_end_a_reply_where_the_text_first_contains_one(tiny_models):
     """generate_tokens(stop_strings=...): the reply stops at the token that completes a string and its
     text is cut before it; other prompts in the batch are unaffected."""
-    from poft_mlx.generation import generate_tokens, open_generator
+    from poft_mlx.models.generation import generate_tokens, open_generator
 
     gen = open_generator(str(tiny_models["target"]), chat_template="gemma")
     prompts = [gen.prompt_tokens([{"role": "user", "content": p}]) for p in ("Hello!", "What is 7 plus 2?")]
@@ -201,8 +201,8 @@ def test_stop_strings_end_a_reply_where_the_text_first_contains_one(tiny_models)
 def test_quickstart_runs_end_to_end_and_reports_generation(tmp_path, tiny_models):
     """The quickstart's steps on the tiny models (the real ones take minutes): noisy data, PoFT
     and SFT, then the generation evaluation with GSM8K answers checked and one example."""
-    from poft_mlx.evaluation import markdown
-    from poft_mlx.quickstart import example_answers, run_quickstart
+    from poft_mlx.evaluation.answers import markdown
+    from poft_mlx.recipes.quickstart import example_answers, run_quickstart
 
     sets = [f"model={tiny_models['target']}", f"aligned=[{{model: {tiny_models['aligned_a']}}}]",
             "data.max_seq_length=512", "train.epochs=1", "score.batch_size=4"]
@@ -222,7 +222,7 @@ def test_quickstart_runs_end_to_end_and_reports_generation(tmp_path, tiny_models
 
 def test_chat_keeps_the_history_and_resets(tiny_run, monkeypatch):
     """Two turns, /reset, one more turn: the second prompt holds the first exchange, the third does not."""
-    import poft_mlx.generation as generation
+    import poft_mlx.models.generation as generation
 
     seen = []
     real = generation.generate

@@ -1,4 +1,4 @@
-"""GGUF -> model folder conversion (poft_mlx.gguf_convert, poft_mlx.gguf_tokenizer).
+"""GGUF -> model folder conversion (poft_mlx.models.gguf, poft_mlx.models.gguf_tokenizer).
 
 Unit tests write tiny llama / qwen2 / gemma3 GGUFs with gguf.GGUFWriter and compare the
 converted model's logits (mlx-lm, and transformers when installed) with a numpy forward pass
@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
-from poft_mlx.gguf_convert import SUPPORTED_ARCHITECTURES, convert_gguf, hf_tensor_names, pack_affine, unpermute_rows
-from poft_mlx.gguf_tokenizer import build_tokenizer, sentencepiece_merges
+from poft_mlx.models.gguf import SUPPORTED_ARCHITECTURES, convert_gguf, hf_tensor_names, pack_affine, unpermute_rows
+from poft_mlx.models.gguf_tokenizer import build_tokenizer, sentencepiece_merges
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 HP = {"hidden": 64, "heads": 4, "kv_heads": 2, "ffn": 128, "eps": 1e-6}
@@ -512,7 +512,7 @@ def real_models(tmp_path_factory):
     """
     from mlx_lm import load
 
-    from poft_mlx.modelref import ModelRefError, resolve_model
+    from poft_mlx.models.refs import ModelRefError, resolve_model
 
     shared = os.environ.get("POFT_MLX_TEST_SHARED_HOME")
     cache = None if shared else tmp_path_factory.mktemp("real-home")
@@ -595,7 +595,7 @@ def test_real_smollm2_template_and_transformers_logits(real_models):
 
 @pytest.mark.real
 def test_real_smollm2_keep_is_bit_exact(tmp_path, real_models):
-    from poft_mlx.modelref import gguf_source
+    from poft_mlx.models.refs import gguf_source
 
     source = gguf_source("pypi:smollm2-135m-instruct")
     folder = convert_gguf(source.parts[0], tmp_path / "keep", quantize="keep")

@@ -24,9 +24,9 @@ import yaml
 from click.testing import CliRunner
 
 from poft_mlx import __version__
-from poft_mlx.cli import main
-from poft_mlx.hub import HubError, collect_provenance, model_card, push, upload_files
-from poft_mlx.modelref import ALIASES, model_identity
+from poft_mlx.cli.main import main
+from poft_mlx.export.hub import HubError, collect_provenance, model_card, push, upload_files
+from poft_mlx.models.refs import ALIASES, model_identity
 from tiny import write_tiny_config
 
 TOKEN = "hf_TestSecretToken0123456789abcdefXYZ"

@@ -12,8 +12,9 @@ from mlx_lm.models.activations import swiglu as mlx_lm_swiglu
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 import poft_mlx  # noqa: F401
-from poft_mlx import kernels, modeling
-from poft_mlx.losses import poft_loss
+from poft_mlx.runtime import kernels
+from poft_mlx.models import modeling
+from poft_mlx.training.objectives import poft_loss
 from tiny import Enc, matmul_tol
 
 

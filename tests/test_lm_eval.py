@@ -19,7 +19,7 @@ pytest.importorskip("lm_eval")
 
 import mlx.core as mx  # noqa: E402
 
-from poft_mlx.cli import main  # noqa: E402
+from poft_mlx.cli.main import main  # noqa: E402
 from tiny import write_jsonl, write_tiny_config  # noqa: E402
 
 QUESTIONS = [
@@ -159,7 +159,7 @@ def tiny_base(tmp_path, tiny_models):
 
 
 def test_multiple_choice_accuracy_equals_the_hand_computed_forward_pass(tmp_path, tiny_models, tiny_base):
-    from poft_mlx.lm_eval_harness import run_lm_eval
+    from poft_mlx.evaluation.lm_eval import run_lm_eval
 
     model, tok = hand_model(tiny_models["target"])
     lps = [[hand_logprob(model, tok, q, " " + c)[0] for c in choices] for q, choices in QUESTIONS]
@@ -178,8 +178,8 @@ def test_multiple_choice_accuracy_equals_the_hand_computed_forward_pass(tmp_path
 
 
 def test_loglikelihood_rolling_and_greedy_match_the_forward_pass(tiny_models, tiny_base):
-    from poft_mlx.generation import open_generator
-    from poft_mlx.lm_eval_harness import PoftLM
+    from poft_mlx.models.generation import open_generator
+    from poft_mlx.evaluation.lm_eval import PoftLM
 
     from lm_eval.api.instance import Instance
 
@@ -274,7 +274,7 @@ def test_eval_command_runs_harness_tasks_on_base_and_adapters(tmp_path, tiny_mod
 def test_missing_extra_names_the_install_command(monkeypatch, tmp_path, tiny_models):
     import builtins
 
-    import poft_mlx.lm_eval_harness as h
+    import poft_mlx.evaluation.lm_eval as h
 
     real = builtins.__import__
 

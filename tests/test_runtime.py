@@ -16,7 +16,7 @@ linux_glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or platfor
 PROBE = """
 import ctypes, json, os
 import poft_mlx
-from poft_mlx import _malloc
+from poft_mlx.runtime import malloc as _malloc
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in

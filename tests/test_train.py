@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from poft_mlx.cli import main
+from poft_mlx.cli.main import main
 from tiny import matmul_tol, write_tiny_config
 
 

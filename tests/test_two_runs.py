@@ -1,6 +1,6 @@
 """Two runs, one folder (issue 18): the run folder is locked, the score cache is shared.
 
-A real `poft-mlx train` holds its run folder (poft_mlx.runlock: an flock on RUN_DIR/.poft-lock
+A real `poft-mlx train` holds its run folder (poft_mlx.runtime.runlock: an flock on RUN_DIR/.poft-lock
 plus a record of pid, host and start time). While it is alive (stopped with SIGSTOP, so it
 cannot finish first), a second `train` on the folder, fresh or --resume, fails at once with one
 line naming it and writes nothing; once it is killed (kill -9), the next run takes the lock over
@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from poft_mlx.cli import main
-from poft_mlx.runlock import LOCK_FILE, RunLocked, lock_run, release_run
-from poft_mlx.scoring import ScoreCache
+from poft_mlx.cli.main import main
+from poft_mlx.runtime.runlock import LOCK_FILE, RunLocked, lock_run, release_run
+from poft_mlx.scoring.cache import ScoreCache
 from tiny import write_tiny_config
 
 BIN = Path(sys.executable).parent
@@ -97,7 +97,7 @@ def test_lock_in_one_process(tmp_path):
     run = tmp_path / "r"
     lock_run(run)
     lock_run(run)
-    probe = [sys.executable, "-c", "import sys; from poft_mlx.runlock import lock_run; lock_run(sys.argv[1])", str(run)]
+    probe = [sys.executable, "-c", "import sys; from poft_mlx.runtime.runlock import lock_run; lock_run(sys.argv[1])", str(run)]
     held = subprocess.run(probe, capture_output=True, text=True)
     assert held.returncode == 1 and f"RunLocked: {run} is in use by pid {os.getpid()} on " in held.stderr
     release_run(run)
@@ -116,7 +116,7 @@ def test_lock_in_one_process(tmp_path):
 READER = r"""
 import json, sys, time
 from pathlib import Path
-from poft_mlx.scoring import ScoreCache
+from poft_mlx.scoring.cache import ScoreCache
 root, stop = Path(sys.argv[1]), Path(sys.argv[2])
 seen, reads, changed = {}, 0, []
 while True:

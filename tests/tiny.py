@@ -117,7 +117,7 @@ def matmul_tol(cpu: float) -> float:
     Exact-ish on the CPU (BLAS sgemm) and on Metal; MLX's CUDA backend runs float32
     matmuls in TF32 (10-bit mantissa), measured at ~1e-4 relative on these models.
     """
-    from poft_mlx.device import backend
+    from poft_mlx.runtime.device import backend
 
     return cpu if backend() != "cuda" else max(cpu, 2e-3)
 

@@ -16,9 +16,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the key (and file) and the fix."""
+from .errors import ConfigError
 
 
 @dataclass
@@ -110,7 +108,7 @@ class SystemConfig:
 class Config:
     model: Optional[str] = None  # the target: folder, .gguf, pypi:NAME or Hub id
     chat_template: Optional[str] = None  # for targets without one (e.g. base models)
-    objective: Literal["poft", "sft", "dpo"] = "poft"
+    objective: str = "poft"  # a name in training/objectives/ (poft, sft, dpo); checked when training starts
     beta: float = 1.0  # the paper has none; the official code uses 1
     gamma: float = 0.0  # margin; the official code uses 0
     aligned: list[AlignedModel] = field(default_factory=list)

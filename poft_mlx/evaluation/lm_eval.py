@@ -29,12 +29,13 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
+from ..errors import ConfigError, MissingExtra
+
 INSTALL_HINT = "pip install 'poft-mlx[lm-eval]'"
 GREEDY_LOGITS_BYTES = 1 << 30  # the is_greedy forward pass's logits, per group of rows
 
 
-class LmEvalMissing(ImportError):
-    pass
+LmEvalMissing = MissingExtra  # the name this module raised it under
 
 
 def require_lm_eval():
@@ -42,7 +43,7 @@ def require_lm_eval():
         import lm_eval
         import lm_eval.api.model  # noqa: F401
     except ImportError as e:
-        raise LmEvalMissing(f"--lm-eval needs lm-evaluation-harness, an optional extra: {INSTALL_HINT} "
+        raise MissingExtra(f"--lm-eval needs lm-evaluation-harness, an optional extra: {INSTALL_HINT} "
                             f"({e})") from None
     return lm_eval
 
@@ -283,11 +284,11 @@ def run_lm_eval(models: dict, tasks: list[str], *, include_path: str | None = No
 
     tasks = [t.strip() for t in tasks if t and t.strip()]
     if not tasks:
-        raise ValueError("--lm-eval: no task names given")
+        raise ConfigError("--lm-eval: no task names given")
     manager = task_manager(tasks, include_path)
     missing = [t for t in tasks if t not in manager.all_tasks and not Path(t).is_file()]  # a YAML file also works
     if missing:
-        raise ValueError(f"--lm-eval: unknown task(s) {', '.join(missing)}"
+        raise ConfigError(f"--lm-eval: unknown task(s) {', '.join(missing)}"
                          + ("" if include_path else " (a folder of task YAMLs: --lm-eval-include)"))
     PoftLM = lm_class()
     out = {}

@@ -3,7 +3,7 @@
 A model folder or GGUF comes from elsewhere (a download, a package, a colleague's disk) and may
 be cut short, corrupt or hostile. Before mlx, tokenizers, transformers or gguf-py read one, these
 checks read headers and small files only, bound every size by the file's own length, and raise
-ModelFileError (a ValueError, which the CLI prints as one line) naming the file and what is wrong:
+ModelFileError (errors.py: a PoftError, which the CLI prints as one line) naming the file and what is wrong:
 
 - safetensors: the 8-byte little-endian header length, the JSON header, and for every tensor a
   known dtype, a shape of non-negative integers and data_offsets whose span is shape x dtype
@@ -41,15 +41,22 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..errors import ModelFileError
+
 CHECKS_VERSION = 1
-
-
-class ModelFileError(ValueError):
-    """A model file that is truncated, corrupt, absurd or hostile; the message names it and says why."""
 
 
 def _fail(path: str | os.PathLike[str], what: str) -> ModelFileError:
     return ModelFileError(f"{path}: {what}")
+
+
+def _size_of(path: Path) -> int:
+    """The file's size in bytes; ModelFileError naming it when it cannot be opened for reading."""
+    try:
+        with open(path, "rb"):
+            return path.stat().st_size
+    except OSError as e:
+        raise _fail(path, f"cannot be read ({e.strerror or e})") from None
 
 
 def human(n: int) -> str:
@@ -77,7 +84,7 @@ SAFETENSORS_BITS = {
 def check_safetensors(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Validate a .safetensors file's header against its size; returns the header."""
     path = Path(path)
-    size = path.stat().st_size
+    size = _size_of(path)
     if size < 8:
         raise _fail(path, f"{size} bytes, shorter than a safetensors header length (8 bytes): the file is "
                           "truncated or not a safetensors file")
@@ -401,7 +408,7 @@ def check_gguf(path: str | os.PathLike[str]) -> dict[str, Any]:
     import gguf
 
     path = Path(path)
-    size = path.stat().st_size
+    size = _size_of(path)
     if size < 24:
         raise _fail(path, f"{size} bytes, shorter than a GGUF header (24 bytes): truncated or not a GGUF file")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:

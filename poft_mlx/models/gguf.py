@@ -40,6 +40,7 @@ import gguf
 import mlx.core as mx
 import numpy as np
 
+from ..errors import ConfigError, ModelFileError, WouldOverwrite
 from ..runtime import diskspace
 from .gguf_tokenizer import build_tokenizer, tokenizer_files
 from .files import check_gguf, check_template
@@ -94,17 +95,17 @@ def convert_gguf(
     `dtype` (float32, float16, bfloat16) is the type of every floating-point tensor written;
     `quantize` is None, "keep", "q4" or "q8" (see the module docstring); `chat_template`, when
     given, replaces the one in the GGUF metadata. The folder is built in a temporary sibling
-    and renamed into place, so `out_dir` is either absent or complete. Raises FileExistsError
-    if `out_dir` exists and is not empty, ValueError for an unsupported architecture, tensor,
-    tokenizer or option.
+    and renamed into place, so `out_dir` is either absent or complete. Raises WouldOverwrite
+    if `out_dir` exists and is not empty, ModelFileError for an unsupported architecture, tensor
+    or tokenizer, ConfigError for an unsupported option.
     """
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
+        raise ConfigError(f"dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
     if quantize is not None and quantize not in QUANTIZE_MODES:
-        raise ValueError(f"quantize {quantize!r} is not supported; choose None or one of {QUANTIZE_MODES}")
+        raise ConfigError(f"quantize {quantize!r} is not supported; choose None or one of {QUANTIZE_MODES}")
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} already exists and is not empty")
+        raise WouldOverwrite(f"{out_dir} already exists and is not empty")
     check_gguf(gguf_path)  # bounds, counts, offsets, sizes: before gguf-py maps anything
     if chat_template is not None:
         check_template(chat_template, "the chat template given")
@@ -114,10 +115,10 @@ def convert_gguf(
     try:
         config = build_config(meta, tensors)  # validates the architecture before any work
         tokenizer = build_tokenizer(meta)
-    except ValueError as e:  # ours: what is unsupported
-        raise ValueError(f"{gguf_path}: {e}") from None
+    except ModelFileError as e:  # ours: what is unsupported
+        raise ModelFileError(f"{gguf_path}: {e}") from None
     except Exception as e:  # metadata of the wrong type or shape: name the file, not a traceback
-        raise ValueError(f"{gguf_path}: cannot rebuild the model from its metadata ({type(e).__name__}: "
+        raise ModelFileError(f"{gguf_path}: cannot rebuild the model from its metadata ({type(e).__name__}: "
                          f"{' '.join(str(e).split())[:200]})") from None
     config["torch_dtype"] = dtype
 
@@ -160,20 +161,20 @@ def build_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any
     """The Hugging Face config.json of the model the GGUF describes."""
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
+        raise ModelFileError(
             f"GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
 
     def get(key: str, default: Any = None) -> Any:
         value = meta.get(f"{arch}.{key}", default)
         if value is None:
-            raise ValueError(f"GGUF metadata lacks {arch}.{key}")
+            raise ModelFileError(f"GGUF metadata lacks {arch}.{key}")
         return value
 
     heads, hidden, layers = get("attention.head_count"), get("embedding_length"), get("block_count")
     kv_heads = get("attention.head_count_kv", heads)
     if not isinstance(heads, int) or not isinstance(kv_heads, int):
-        raise ValueError("per-layer head counts are not supported")
+        raise ModelFileError("per-layer head counts are not supported")
     head_dim = get("attention.key_length", hidden // heads)
     architecture, model_type = _HF_CLASSES[arch]
     bos, eos, pad = (meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding"))
@@ -213,7 +214,7 @@ def build_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any
 def _gemma3_config(meta: dict[str, Any], layers: int, hidden: int, heads: int, head_dim: int) -> dict[str, Any]:
     pattern = meta.get("gemma3.attention.sliding_window_pattern", 6)
     if not isinstance(pattern, int):
-        raise ValueError(f"gemma3.attention.sliding_window_pattern {pattern!r}: only a period is supported")
+        raise ModelFileError(f"gemma3.attention.sliding_window_pattern {pattern!r}: only a period is supported")
     return {
         "hidden_activation": "gelu_pytorch_tanh",
         # llama.cpp scales queries by 1/sqrt(hidden/heads) for the 27B (62 layers), else 1/sqrt(head_dim).
@@ -235,12 +236,12 @@ def _rope_scaling(meta: dict[str, Any], arch: str) -> dict[str, Any] | None:
     if kind == "none":
         return None
     if kind != "linear":
-        raise ValueError(f"{arch}.rope.scaling.type {kind!r} is not supported (only linear)")
+        raise ModelFileError(f"{arch}.rope.scaling.type {kind!r} is not supported (only linear)")
     return {"rope_type": "linear", "factor": _f32(meta[f"{arch}.rope.scaling.factor"])}
 
 
 def hf_tensor_names(arch: str, gguf_names: list[str]) -> dict[str, str]:
-    """Map GGUF tensor names to Hugging Face names; unknown names raise one ValueError."""
+    """Map GGUF tensor names to Hugging Face names; unknown names raise one ModelFileError."""
     table = {**_BLOCK_NAMES, **_ARCH_BLOCK_NAMES[arch]}
     names, unknown = {}, []
     for name in gguf_names:
@@ -253,7 +254,7 @@ def hf_tensor_names(arch: str, gguf_names: list[str]) -> dict[str, str]:
         else:
             unknown.append(name)
     if unknown:
-        raise ValueError(f"GGUF tensors with no {arch} counterpart: {', '.join(sorted(unknown))}")
+        raise ModelFileError(f"GGUF tensors with no {arch} counterpart: {', '.join(sorted(unknown))}")
     return names
 
 
@@ -388,7 +389,7 @@ def _publish(tmp: Path, out_dir: Path) -> None:
         os.rename(tmp, out_dir)
     except OSError as e:
         if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
-            raise FileExistsError(f"{out_dir} appeared while converting") from e
+            raise WouldOverwrite(f"{out_dir} appeared while converting") from e
         raise
 
 

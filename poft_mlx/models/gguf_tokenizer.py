@@ -22,6 +22,8 @@ from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from ..errors import ModelFileError
+
 # llama.cpp's token types (llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -46,7 +48,7 @@ def build_tokenizer(meta: dict[str, Any]) -> Tokenizer:
     elif kind == "llama":
         tokenizer = _sentencepiece_bpe(meta)
     else:
-        raise ValueError(f"GGUF tokenizer model {kind!r} is not supported; supported: gpt2, llama")
+        raise ModelFileError(f"GGUF tokenizer model {kind!r} is not supported; supported: gpt2, llama")
     tokens, types = meta["tokenizer.ggml.tokens"], _types(meta)
     tokenizer.add_special_tokens(
         [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in (CONTROL, UNKNOWN)]
@@ -88,7 +90,7 @@ def special_tokens(meta: dict[str, Any]) -> dict[str, str]:
 def _byte_level_bpe(meta: dict[str, Any]) -> Tokenizer:
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in BYTE_LEVEL_PRE_TOKENIZERS:
-        raise ValueError(
+        raise ModelFileError(
             f"GGUF pre-tokenizer {pre!r} is not supported; supported: {', '.join(BYTE_LEVEL_PRE_TOKENIZERS)}"
         )
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]

@@ -35,13 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import ModelRefError, WouldOverwrite
 from ..runtime import diskspace
 from .gguf import CONVERTER_VERSION, convert_gguf
 from .files import check_folder
-
-
-class ModelRefError(RuntimeError):
-    """A model reference that cannot be resolved; the message says how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +133,7 @@ def resolve_model(ref: str, *, cache_dir: str | os.PathLike[str] | None = None, 
     `convert_options` are convert_gguf's keyword options (dtype, quantize, chat_template); they
     are part of the cache key and apply only to GGUF sources. The folder's files are checked
     before it is returned (model_files.check_folder): a truncated, corrupt or hostile file
-    raises ModelFileError (a ValueError) naming the file and what is wrong.
+    raises ModelFileError naming the file and what is wrong.
     """
     options = _conversion_options(convert_options)
     local = Path(ref).expanduser()
@@ -172,9 +169,13 @@ def gguf_source(ref: str, *, cache_dir: str | os.PathLike[str] | None = None) ->
         file = Path(ref).expanduser().resolve()
         if not file.is_file():
             raise ModelRefError(f"GGUF file {file} does not exist")
-        with open(file, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise ModelRefError(f"{file} is not a GGUF file (nor a model folder)")
+        try:
+            with open(file, "rb") as f:
+                magic = f.read(4)
+        except OSError as e:
+            raise ModelRefError(f"GGUF file {file} cannot be read ({e.strerror or e})") from None
+        if magic != b"GGUF":
+            raise ModelRefError(f"{file} is not a GGUF file (nor a model folder)")
         return GGUFSource(file.stem, (file,), sha256=_file_sha256(file, cache_root(cache_dir)))
     return None
 
@@ -205,7 +206,7 @@ def convert_model(ref: str, out_dir: str | os.PathLike[str], **convert_options: 
     options = _conversion_options(convert_options)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} already exists and is not empty")
+        raise WouldOverwrite(f"{out_dir} already exists and is not empty")
     source = gguf_source(ref)
     if source is not None:
         _build(source, out_dir, options)
@@ -222,10 +223,13 @@ def convert_model(ref: str, out_dir: str | os.PathLike[str], **convert_options: 
         built = Path(scratch) / "model"
         need = sum(p.stat().st_size for p in source.iterdir() if p.is_file())
         with diskspace.writing(out_dir, need, f"nothing was written to {out_dir}; free space and convert again"):
-            mlx_convert(
-                str(source), str(built), quantize=quantize is not None,
-                q_bits=int(quantize[1:]) if quantize else None, dtype=options["dtype"],
-            )  # fmt: skip
+            try:
+                mlx_convert(
+                    str(source), str(built), quantize=quantize is not None,
+                    q_bits=int(quantize[1:]) if quantize else None, dtype=options["dtype"],
+                )  # fmt: skip
+            except ValueError as e:  # mlx-lm's word on a model it cannot convert (e.g. an unknown model_type)
+                raise ModelRefError(f"{ref}: mlx-lm cannot convert {source}: {e}") from None
             if options["chat_template"] is not None:
                 _set_chat_template(built, options["chat_template"])
         os.replace(built, out_dir)  # an empty out_dir is replaced
@@ -383,7 +387,7 @@ def _build(source: GGUFSource, target: Path, options: dict[str, Any]) -> None:
             os.rename(built, target)
         except OSError as e:
             if target.is_dir() and any(target.iterdir()):
-                raise FileExistsError(f"{target} already exists") from e
+                raise WouldOverwrite(f"{target} already exists") from e
             raise
 
 

@@ -1,7 +1,7 @@
 """Data-parallel ranks on mx.distributed: the group, reductions, and what happens when a rank fails.
 
 Every rank runs the same program on the same global batch and takes rows [rank::world] of
-it (trainer.py); losses are divided by a global normaliser, so gradients are *summed*
+it (training/loop.py); losses are divided by a global normaliser, so gradients are *summed*
 across ranks and equal the single-process gradient. Only rank 0 writes run files and logs.
 
 When a rank fails (measured with MLX 0.32's ring backend; docs/distributed.md):
@@ -32,14 +32,12 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..errors import ConfigError, PeerLost
+
 DEFAULT_TIMEOUT_S = 600.0
 GRADIENT_MESSAGE_BYTES = 32 * 2**20  # gradients are summed in messages of about this size
 
 _state = {"group": None, "timeout": DEFAULT_TIMEOUT_S}
-
-
-class PeerLost(RuntimeError):
-    """Another rank died, or stopped answering, during a collective operation."""
 
 
 def set_timeout(seconds: float | None) -> None:
@@ -67,7 +65,7 @@ def group() -> mx.distributed.Group:
                     "with mpirun -x MLX_MPI_LIBNAME"
                     if "OMPI_COMM_WORLD_SIZE" in os.environ else
                     f"check MLX_HOSTFILE={os.environ.get('MLX_HOSTFILE')} and MLX_RANK")
-            raise ValueError(f"launched as one of {expected} ranks, but mx.distributed.init() "
+            raise ConfigError(f"launched as one of {expected} ranks, but mx.distributed.init() "
                              f"gave a group of 1: {hint}")
         _state["group"] = g
     return _state["group"]
@@ -150,22 +148,23 @@ def sum_gradients(grads, g: mx.distributed.Group):
     return tree_unflatten(out)
 
 
-_EXTREMES = {"tau_min": (np.inf, np.min), "tau_max": (-np.inf, np.max)}
+_REDUCE = {"sum": (0.0, np.sum), "min": (np.inf, np.min), "max": (-np.inf, np.max)}
 
 
-def reduce_metrics(sums: dict, keys, what: str) -> dict:
-    """Metric sums over all ranks (tau_min/tau_max: min/max), the same on every rank.
+def reduce_metrics(sums: dict, reductions: dict, what: str) -> dict:
+    """Metric sums over all ranks, each reduced as `reductions` says ("sum", "min" or "max";
+    an objective's reductions), the same on every rank.
 
     One all_gather in float64; every rank reduces the gathered values in rank order, so
     all ranks take identical decisions from them (best checkpoint, early stopping).
     """
     g = group()
-    keys = sorted(keys)
-    local = np.array([sums.get(k, _EXTREMES.get(k, (0.0,))[0]) for k in keys], np.float64)
+    keys = sorted(reductions)
+    local = np.array([sums.get(k, _REDUCE[reductions[k]][0]) for k in keys], np.float64)
     gathered = mx.distributed.all_gather(mx.array(local[None]), group=g, stream=mx.cpu)
     wait(gathered, what)
     table = np.array(gathered, np.float64)
-    return {k: float(_EXTREMES.get(k, (0, np.sum))[1](table[:, i])) for i, k in enumerate(keys)}
+    return {k: float(_REDUCE[reductions[k]][1](table[:, i])) for i, k in enumerate(keys)}
 
 
 def broadcast(tree, what: str):

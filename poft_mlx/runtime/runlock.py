@@ -22,12 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-LOCK_FILE = ".poft-lock"  # hidden: `push` of a run folder leaves it out
+from ..errors import RunLocked
+from ..rundir import LOCK_FILE, RunDir
+
 _held: dict[str, int] = {}  # resolved run folder -> the open, locked file descriptor
-
-
-class RunLocked(FileExistsError):
-    """The run folder is in use by another live process; the message names it."""
 
 
 def lock_run(run_dir: str | os.PathLike[str], log=None) -> None:
@@ -37,7 +35,7 @@ def lock_run(run_dir: str | os.PathLike[str], log=None) -> None:
     key = str(run_dir.resolve())
     if key in _held:
         return
-    path = run_dir / LOCK_FILE
+    path = RunDir(run_dir).lock
     fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
         previous = _read(fd)

@@ -26,7 +26,8 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load_model, quantize_model, save_config
 
 from poft_mlx.cli.main import main
-from poft_mlx.export.fuse import ExportError, FuseCheckError, fuse_run, open_run
+from poft_mlx.export.fuse import ExportError, FuseCheckError, fuse_run
+from poft_mlx.export.run import open_finished_run
 from poft_mlx.export.peft import export_peft
 
 WORDS = (
@@ -268,10 +269,10 @@ def test_check_falls_back_to_english_without_training_data(tmp_path, float_base)
 
 def test_bad_inputs_are_clear_errors(tmp_path, lora_run, float_base):
     with pytest.raises(ExportError, match="run folder not found"):
-        open_run(tmp_path / "nope")
+        open_finished_run(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ExportError, match="missing adapters/adapter_config.json, adapters/adapters.safetensors"):
-        open_run(tmp_path / "empty")
+        open_finished_run(tmp_path / "empty")
     with pytest.raises(ExportError, match="not empty"):
         fuse_run(lora_run, lora_run)
     moved = make_run(tmp_path / "moved", float_base)

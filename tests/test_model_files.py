@@ -265,6 +265,7 @@ def test_loaders_check_before_mlx_reads(good_folder, tmp_path, monkeypatch):
     import mlx.core as mx
 
     from poft_mlx.export import fuse as export
+    from poft_mlx.export.run import load_run_model
     from poft_mlx.models import modeling
 
     folder = broken_folder(good_folder, tmp_path / "model", "safetensors cut in half")
@@ -277,7 +278,7 @@ def test_loaders_check_before_mlx_reads(good_folder, tmp_path, monkeypatch):
         modeling.load(str(folder))
     run = export.Run(tmp_path / "run", tmp_path / "run" / "adapters", {}, folder)
     with pytest.raises(export.ExportError, match="cannot load base model .*past the end"):
-        export._load(run, with_adapter=False)
+        load_run_model(run, with_adapter=False)
 
 
 def test_good_files_pass_and_load(good_folder, good_gguf, tmp_path):

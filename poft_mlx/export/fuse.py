@@ -1,4 +1,4 @@
-"""Export a training run as a fused Hugging Face model folder, checked (PEFT adapters: peft_export.py).
+"""Export a training run as a fused Hugging Face model folder, checked (PEFT adapters: peft.py).
 
 Why the check: mlx-lm's fuse re-quantizes the fused weight when the base is quantized, and a LoRA
 delta smaller than half a quantization step rounds away, so the "fine-tuned" model silently equals
@@ -26,17 +26,17 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-import yaml
 from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.tuner.utils import load_adapters
 from mlx_lm.utils import dequantize_model, load_model, load_tokenizer, make_shards, save_config
 
+from ..errors import ExportError, FuseCheckError
 from ..runtime import diskspace
-from .hub import CHECK_FILE, CONFIG_COPY, PROVENANCE_FILE, collect_provenance, read_run_config
-from ..models.files import check_folder
+from .hub import CHECK_FILE
+from .run import PARTIAL, Run, empty_out_dir, load_run_model, open_finished_run, require_base, write_provenance
+
+__all__ = ["CheckReport", "ExportError", "FuseCheckError", "FuseReport", "Run", "check_fused", "fuse_run"]
 
 MAX_CHECK_TOKENS = 128
-PARTIAL = ".poft-fuse-partial"  # a fuse being written, inside its output folder
 _FALLBACK_SAMPLES = [
     "The quick brown fox jumps over the lazy dog while the farmer watches from the porch.",
     "Write a short poem about the sea, the wind and a lighthouse keeper who cannot sleep.",
@@ -47,37 +47,6 @@ _FALLBACK_SAMPLES = [
 # (rewritten), its model card (push writes ours).
 _NOT_COPIED = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.gguf", "*.pt", "*.pth",
                "*.h5", "*.msgpack", "*.npz", "config.json", "README.md", ".*"]
-
-
-class ExportError(Exception):
-    """Bad input to an export: the message names the file, the tensor or the setting to fix."""
-
-
-class FuseCheckError(ExportError):
-    """The fused model does not reproduce base + adapter; `report` holds the measurements."""
-
-    def __init__(self, message: str, report: CheckReport) -> None:
-        super().__init__(message)
-        self.report = report
-
-
-@dataclass(frozen=True)
-class Run:
-    """A run folder resolved: its adapters, their config, and the local base model folder."""
-
-    run_dir: Path
-    adapter_dir: Path
-    adapter_config: dict[str, Any]
-    base: Path | None  # None when the base is not available on this machine
-
-    @property
-    def fine_tune_type(self) -> str:
-        return self.adapter_config.get("fine_tune_type", "lora")
-
-    @property
-    def init_adapters(self) -> str | None:
-        """The earlier stage's adapters this run started from (fused into its base), if any."""
-        return (self.adapter_config.get("poft_mlx") or {}).get("init_adapters")
 
 
 @dataclass
@@ -130,81 +99,6 @@ class FuseReport:
     check: CheckReport | None
 
 
-def open_run(run_dir: str | Path, base: str | Path | None = None) -> Run:
-    """Validate a run folder's adapter files and find its base model (`base` overrides)."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise ExportError(f"run folder not found: {run}")
-    adapters = run / "adapters"
-    missing = [n for n in ("adapter_config.json", "adapters.safetensors") if not (adapters / n).is_file()]
-    if missing:
-        raise ExportError(f"{run} has no trained adapters: missing {', '.join(f'adapters/{n}' for n in missing)}")
-    try:
-        config = json.loads((adapters / "adapter_config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{adapters / 'adapter_config.json'} is not valid JSON: {e}") from None
-    kind = config.get("fine_tune_type", "lora")
-    if kind not in ("lora", "dora", "full"):
-        raise ExportError(f"{adapters / 'adapter_config.json'}: fine_tune_type {kind!r}, expected lora, dora or full")
-    lora = config.get("lora_parameters") or {}
-    if kind != "full" and not {"rank", "scale"} <= set(lora):
-        raise ExportError(
-            f"{adapters / 'adapter_config.json'}: lora_parameters needs 'rank' and 'scale', has {sorted(lora)}"
-        )
-    return Run(run, adapters, config, _find_base(base or config.get("model")))
-
-
-def _find_base(ref: str | Path | None) -> Path | None:
-    if ref is None:
-        return None
-    if Path(ref).is_dir():
-        return Path(ref)
-    try:  # a Hub id already in the local cache; never downloads
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(str(ref), local_files_only=True))
-    except Exception:
-        return None
-
-
-def _require_base(run: Run) -> Path:
-    if run.base is None:
-        raise ExportError(
-            f"base model {run.adapter_config.get('model')!r} (adapter_config.json 'model') is not on this "
-            "machine: pass the base model folder (--base)"
-        )
-    return run.base
-
-
-def _load(
-    run: Run, with_adapter: bool, lazy: bool = False, dequantize: bool = False
-) -> tuple[nn.Module, dict[str, Any]]:
-    """The base model (dequantized when asked: as a dequantized fuse stores it), with the adapter."""
-    base = _require_base(run)
-    try:
-        check_folder(base)  # truncated, absurd or hostile files: named before mlx reads them
-        model, config = load_model(base, lazy=lazy)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise ExportError(f"cannot load base model {base}: {e}") from None
-    if dequantize:
-        model = dequantize_model(model)
-    if run.init_adapters:  # a later stage (DPO) trained on top of an earlier run: its base
-        from ..training.dpo import fuse_adapters
-
-        try:
-            fuse_adapters(model, run.init_adapters, None)
-        except (FileNotFoundError, ValueError, KeyError, AttributeError) as e:
-            raise ExportError(f"{run.adapter_dir} was trained on top of init_adapters {run.init_adapters}, "
-                              f"which cannot be applied: {e}") from None
-    if with_adapter:
-        try:
-            load_adapters(model, str(run.adapter_dir))
-        except (ValueError, KeyError, AttributeError) as e:
-            raise ExportError(f"the adapter in {run.adapter_dir} does not fit base model {base}:\n{e}") from None
-        model.eval()
-    return model, config
-
-
 def fuse_run(
     run_dir: str | Path,
     out_dir: str | Path,
@@ -223,9 +117,9 @@ def fuse_run(
     read back and compared with base + adapter (see CheckReport); the report goes to
     out_dir/poft_fuse_check.json and a failure raises FuseCheckError.
     """
-    run = open_run(run_dir, base)
-    base_dir = _require_base(run)
-    out = _empty_out_dir(out_dir)
+    run = open_finished_run(run_dir, base)
+    base_dir = require_base(run)
+    out = empty_out_dir(out_dir)
     # Everything is written into a hidden folder inside `out` and moved up when complete: a full
     # disk (DiskFull) or a crash leaves no partial model where a later command would take it.
     work = out / PARTIAL
@@ -244,7 +138,7 @@ def fuse_run(
 
 def _fuse_into(run: Run, base_dir: Path, out: Path, final: Path, *, dequantize: bool, check: bool, tol: float,
                atol: float) -> FuseReport:
-    model, config = _load(run, with_adapter=True)
+    model, config = load_run_model(run, with_adapter=True)
     quantized = "quantization" in config or any(isinstance(m, nn.QuantizedLinear) for m in model.modules())
     fused = [(n, m.fuse(dequantize=dequantize)) for n, m in model.named_modules() if "lora_a" in m]
     if fused:
@@ -267,7 +161,7 @@ def _fuse_into(run: Run, base_dir: Path, out: Path, final: Path, *, dequantize: 
         del model, weights
         _copy_side_files(base_dir, out, hf_config)
         _write_chat_template(run, out)
-        _write_provenance(run, out, "fused" + (" (dequantized)" if dequantize and quantized else ""))
+        write_provenance(run, out, "fused" + (" (dequantized)" if dequantize and quantized else ""))
     report = FuseReport(final, base_dir, run.fine_tune_type, quantized, quantized and dequantize, None)
     if check:
         report.check = check_fused(run, out, tol=tol, atol=atol)
@@ -283,15 +177,6 @@ def _move_up(work: Path, out: Path) -> None:
     for path in sorted(work.iterdir()):
         os.replace(path, out / path.name)
     work.rmdir()
-
-
-def _empty_out_dir(out_dir: str | Path) -> Path:
-    out = Path(out_dir)
-    shutil.rmtree(out / PARTIAL, ignore_errors=True)  # what a killed fuse left: never complete
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"output folder {out} already exists and is not empty: choose another or remove it")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def _float_dtype_name(weights: dict[str, mx.array]) -> str:
@@ -332,7 +217,7 @@ def _write_chat_template(run: Run, out: Path) -> None:
     model learned; a base without a template (gemma-3 base) would otherwise get none."""
     from ..data.render import resolve_template
 
-    spec = read_run_config(run.run_dir).get("chat_template")
+    spec = run.folder.read_config().get("chat_template")
     path = out / "tokenizer_config.json"
     if not spec or not path.is_file():
         return
@@ -340,51 +225,6 @@ def _write_chat_template(run: Run, out: Path) -> None:
     config["chat_template"] = resolve_template(spec)
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (out / "chat_template.jinja").unlink(missing_ok=True)  # transformers 5 prefers this file: keep one source
-
-
-def _write_provenance(run: Run, out: Path, export: str) -> None:
-    """poft_provenance.json and poft_config.yaml: what the model card states, uploaded with the model,
-    so neither holds a path of this machine (model references are made portable, see hub.py)."""
-    provenance = collect_provenance(run.run_dir, run.base) | {"export": export}
-    (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-    config = read_run_config(run.run_dir)
-    if config:
-        (out / CONFIG_COPY).write_text(yaml.safe_dump(portable_config(config), sort_keys=False))
-
-
-def portable_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The run's resolved config with every model reference made portable (modelref.portable_ref)
-    and every other local path (data files, run folder, caches, templates) cut to its last part."""
-    from ..models.refs import portable_ref
-
-    def model(ref: Any) -> Any:
-        return portable_ref(str(ref))["ref"] if isinstance(ref, str) and ref else ref
-
-    def paths(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: paths(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [paths(v) for v in value]
-        if isinstance(value, str) and _looks_local(value):
-            return Path(value.replace("\\", "/").rstrip("/")).name
-        return value
-
-    out = paths({k: v for k, v in config.items() if k not in ("model", "aligned")})
-    out = {"model": model(config.get("model")), **out} if "model" in config else out
-    if isinstance(config.get("aligned"), list):
-        out["aligned"] = [{**paths(a), "model": model(a.get("model"))} if isinstance(a, dict) else model(a)
-                          for a in config["aligned"]]
-    return {k: out[k] for k in config}  # the config's own key order
-
-
-def _looks_local(text: str) -> bool:
-    """An absolute, home or relative path, on any system, or one that exists here."""
-    if text.startswith(("/", "~", "./", "../", "\\")) or (len(text) > 2 and text[1] == ":" and text[2] in "/\\"):
-        return True
-    try:
-        return "\n" not in text and Path(text).expanduser().exists()
-    except (OSError, ValueError):  # an inline template: too long or odd for a file name
-        return False
 
 
 def check_samples(run: Run, tokenizer: Any, vocab_size: int) -> tuple[list[list[int]], str]:
@@ -400,7 +240,7 @@ def check_samples(run: Run, tokenizer: Any, vocab_size: int) -> tuple[list[list[
 
 
 def _training_texts(run: Run, limit: int = 4) -> list[str]:
-    train = (read_run_config(run.run_dir).get("data") or {}).get("train")
+    train = (run.folder.read_config().get("data") or {}).get("train")
     if not train:
         return []
     path = Path(str(train))
@@ -462,9 +302,9 @@ def check_fused(
     run: Run | str | Path, fused_dir: str | Path, *, tol: float = 0.1, atol: float = 1e-5
 ) -> CheckReport:
     """Compare the fused folder with base + adapter and with the base, one model in memory at a time."""
-    run = run if isinstance(run, Run) else open_run(run)
+    run = run if isinstance(run, Run) else open_finished_run(run)
     fused_dir = Path(fused_dir)
-    base = _require_base(run)
+    base = require_base(run)
     try:
         tokenizer = load_tokenizer(base)
     except Exception:  # the check works on ids; a missing tokenizer only changes the samples
@@ -476,8 +316,8 @@ def check_fused(
         raise ExportError(f"the fused folder {fused_dir} has no readable config.json: {e}") from None
     dequantized = "quantization" in base_config and "quantization" not in fused_config
     samples, source = check_samples(run, tokenizer, int(base_config.get("vocab_size", 256)))
-    adapted = _logits(_load(run, with_adapter=True, dequantize=dequantized)[0], samples)
-    base_logits = _logits(_load(run, with_adapter=False, dequantize=dequantized)[0], samples)
+    adapted = _logits(load_run_model(run, with_adapter=True, dequantize=dequantized)[0], samples)
+    base_logits = _logits(load_run_model(run, with_adapter=False, dequantize=dequantized)[0], samples)
     try:
         fused = _logits(load_model(fused_dir)[0], samples)
     except Exception as e:
@@ -487,7 +327,7 @@ def check_fused(
     fused_vs_base, base_kl, _ = _compare(base_logits, fused)
     deq_max = deq_kl = None
     if dequantized:
-        deq_max, deq_kl, _ = _compare(_logits(_load(run, with_adapter=False)[0], samples), base_logits)
+        deq_max, deq_kl, _ = _compare(_logits(load_run_model(run, with_adapter=False)[0], samples), base_logits)
     notes = []
     if effect_kl <= atol:
         notes.append(f"the adapter barely changes the base (mean KL {effect_kl:.3g} <= atol): nothing to verify")

@@ -25,10 +25,12 @@ from typing import Any
 import yaml
 
 from .. import __version__
-from ..metrics import last_by_split, read_metrics
+from ..errors import HubError
+from ..rundir import ADAPTER_CONFIG, RunDir
 
 PROVENANCE_FILE = "poft_provenance.json"  # written by export beside every exported folder
-CONFIG_COPY = "poft_config.yaml"  # the run's resolved config, local paths cut (export.portable_config)
+PEFT_CONFIG = "adapter_config.json"  # a PEFT adapter folder's config (the name mlx-lm's adapters share)
+CONFIG_COPY = "poft_config.yaml"  # the run's resolved config, local paths cut (export/run.portable_config)
 CHECK_FILE = "poft_fuse_check.json"  # the fused-vs-adapter check report
 _BEGIN = "<!-- poft-mlx:begin (generated; replaced on every push) -->"
 _END = "<!-- poft-mlx:end -->"
@@ -40,35 +42,12 @@ _OBJECTIVES = {
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class HubError(Exception):
-    """A push that cannot go ahead; the message says why and what to do."""
-
-
 @dataclass(frozen=True)
 class UploadFile:
     """One file of a push: its path inside the repository and its size in bytes."""
 
     path: str
     size: int
-
-
-def read_run_config(run_dir: str | Path) -> dict[str, Any]:
-    """The run's resolved poft-mlx config (RUN_DIR/config.yaml), or {} when absent or unreadable."""
-    path = Path(run_dir) / "config.yaml"
-    try:
-        config = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return {}
-    return config if isinstance(config, dict) else {}
-
-
-def final_metrics(metrics_path: Path) -> dict[str, dict[str, float]]:
-    """The last record of each split in metrics.jsonl (metrics.read_metrics: finite numbers only).
-
-    A run killed mid-write leaves a truncated last line: unreadable lines are skipped, since a
-    card must not fail on a log.
-    """
-    return last_by_split(read_metrics(metrics_path))
 
 
 def collect_provenance(run_dir: str | Path, base: str | Path | None = None) -> dict[str, Any]:
@@ -79,16 +58,12 @@ def collect_provenance(run_dir: str | Path, base: str | Path | None = None) -> d
     """
     from ..models.refs import hub_cache_id, portable_ref
 
-    run = Path(run_dir)
-    config = read_run_config(run)
+    run = RunDir(run_dir)
+    config = run.read_config()
     aligned = [a.get("model") if isinstance(a, dict) else a for a in config.get("aligned") or []]
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
-    fp_path = run / "data_fingerprint.txt"
-    fingerprint = (fp_path.read_text().split() or [None])[0] if fp_path.is_file() else None
-    try:
-        adapter = json.loads((run / "adapters" / "adapter_config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        adapter = {}
+    fingerprint = (run.fingerprint.read_text().split() or [None])[0] if run.fingerprint.is_file() else None
+    adapter = run.adapter_config()
     objective = config.get("objective")
     # beta/gamma are PoFT's; DPO has its own beta (config dpo.beta); SFT has neither.
     beta, gamma = (config.get("beta"), config.get("gamma")) if objective == "poft" else (None, None)
@@ -113,7 +88,7 @@ def collect_provenance(run_dir: str | Path, base: str | Path | None = None) -> d
         "data_fingerprint": fingerprint,
         "datasets": list(dict.fromkeys(d for d in datasets if d)),
         "license": base_license(base) if base else None,
-        "final_metrics": final_metrics(run / "metrics.jsonl"),
+        "final_metrics": run.last_metrics(),
         "fine_tune": {
             "type": adapter.get("fine_tune_type", "lora"),
             "num_layers": adapter.get("num_layers"),
@@ -141,7 +116,7 @@ def base_license(folder: str | Path) -> str | None:
 
 def _folder_kind(folder: Path) -> str:
     """peft, mlx (MLX-quantized or a run folder) or transformers: decides library_name and usage."""
-    peft = _read_json(folder / "adapter_config.json")
+    peft = _read_json(folder / PEFT_CONFIG)
     if peft.get("peft_type"):
         return "peft"
     config = _read_json(folder / "config.json")
@@ -161,7 +136,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _provenance(folder: Path) -> dict[str, Any]:
     if (folder / PROVENANCE_FILE).is_file():
         return _read_json(folder / PROVENANCE_FILE)
-    if (folder / "config.yaml").is_file():  # a run folder pushed as is
+    if RunDir(folder).config.is_file():  # a run folder pushed as is
         return collect_provenance(folder)
     return {}
 
@@ -348,7 +323,7 @@ def model_card(path: str | Path, repo_id: str) -> str:
     folder = Path(path)
     kind = _folder_kind(folder)
     prov = _provenance(folder)
-    peft_base = _read_json(folder / "adapter_config.json").get("base_model_name_or_path") if kind == "peft" else None
+    peft_base = _read_json(folder / PEFT_CONFIG).get("base_model_name_or_path") if kind == "peft" else None
     loaded_by_peft = _model_ref({"target": peft_base})
     ref = _model_ref(prov) or loaded_by_peft
     # The Hub links base_model to a repository: a Hub id only (a pypi: alias names its upstream one).
@@ -360,7 +335,7 @@ def model_card(path: str | Path, repo_id: str) -> str:
     if base_id:
         meta["base_model"] = base_id
         # An adapter (PEFT, or a run folder's mlx-lm adapters) applies to the base; a fused model replaces it.
-        adapter = kind == "peft" or (folder / "adapters" / "adapter_config.json").is_file()
+        adapter = kind == "peft" or (RunDir(folder).adapters / ADAPTER_CONFIG).is_file()
         meta["base_model_relation"] = "adapter" if adapter else "finetune"
     if isinstance(prov.get("license"), str) and prov["license"]:
         meta.setdefault("license", prov["license"])

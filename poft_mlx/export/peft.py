@@ -10,8 +10,12 @@ import mlx.core as mx
 from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
-from .fuse import ExportError, _empty_out_dir, _load, _write_provenance, open_run
-from .hub import read_run_config
+from ..errors import ExportError
+from ..rundir import ADAPTER_FILE
+from .hub import PEFT_CONFIG
+from .run import empty_out_dir, load_run_model, open_finished_run, write_provenance
+
+PEFT_WEIGHTS = "adapter_model.safetensors"  # PEFT's name for an adapter's tensors
 
 
 def export_peft(
@@ -28,15 +32,15 @@ def export_peft(
     forward (m / ||W + s B A||_row) * (W x + s B A x) is mlx-lm's. The adapter is first loaded
     onto its base (lazily: shapes only), so every tensor is checked against the base.
     """
-    run = open_run(run_dir, base)
+    run = open_finished_run(run_dir, base)
     if run.fine_tune_type == "full":
         raise ExportError("a full fine-tune has no adapter to export in PEFT format: use `poft-mlx fuse` instead")
     if run.init_adapters:
         raise ExportError(f"{run.adapter_dir} was trained on top of init_adapters {run.init_adapters}: one PEFT "
                           "adapter cannot carry both stages; use `poft-mlx fuse` (it applies both)")
-    model, config = _load(run, with_adapter=True, lazy=True)
+    model, config = load_run_model(run, with_adapter=True, lazy=True)
     layers = dict(model.named_modules())
-    names = mx.load(str(run.adapter_dir / "adapters.safetensors")).keys()
+    names = mx.load(str(run.adapter_dir / ADAPTER_FILE)).keys()
     paths = sorted({k.rpartition(".")[0] for k in names})
     linear = (LoRALinear, DoRALinear)
     wrong = [f"{p} ({type(layers.get(p)).__name__})" for p in paths if not isinstance(layers.get(p), linear)]
@@ -52,7 +56,7 @@ def export_peft(
     lora = run.adapter_config["lora_parameters"]
     r, alpha = int(lora["rank"]), float(lora["scale"]) * int(lora["rank"])
     targets, layer_ids = _peft_targets(paths)
-    name = base_model_name or read_run_config(run.run_dir).get("model") or run.adapter_config.get("model")
+    name = base_model_name or run.folder.read_config().get("model") or run.adapter_config.get("model")
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r,
         "lora_alpha": int(alpha) if alpha.is_integer() else alpha,
@@ -65,10 +69,10 @@ def export_peft(
     notes = []
     if "quantization" in config:
         notes.append(f"trained on the MLX-quantized base {run.base}; PEFT applies it to the float base you load")
-    out = _empty_out_dir(out_dir)
-    mx.save_safetensors(str(out / "adapter_model.safetensors"), tensors, metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
-    _write_provenance(run, out, "peft adapter" + "".join(f"; {n}" for n in notes))
+    out = empty_out_dir(out_dir)
+    mx.save_safetensors(str(out / PEFT_WEIGHTS), tensors, metadata={"format": "pt"})
+    (out / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
+    write_provenance(run, out, "peft adapter" + "".join(f"; {n}" for n in notes))
     return peft_config | {"notes": notes}
 
 

@@ -73,6 +73,9 @@ from typing import Callable
 
 import poft_mlx  # noqa: F401  (BLAS before mlx)
 import numpy as np
+from poft_mlx.config import TrainConfig
+from poft_mlx.rundir import ADAPTER_FILE, STATE_FILE, RunDir
+from poft_mlx.training.plan import plan
 
 DEFAULT_TARGET = "pypi:gemma-3-270m"
 DEFAULT_TEMPLATE = "gemma"
@@ -411,7 +414,7 @@ def count_tokens(files: dict, S: dict, args) -> dict:
 
     from poft_mlx.training.dpo import prepare_pairs
     from poft_mlx.models.modeling import resolve
-    from poft_mlx.training.pipeline import prepare, target_renderer
+    from poft_mlx.data.prepare import prepare, target_renderer
 
     tok = load_tokenizer(resolve(args.target))
     out = {}
@@ -488,12 +491,12 @@ class Run:
         n = manifest["tokens"][self.train_key]["n"] if self.train_key in manifest["tokens"] else None
         if n is None:
             raise RuntimeError(f"{self.name}: {self.train_key} has not been written yet")
-        return max(1, math.ceil(n / S["batch_size"]))
+        return plan(TrainConfig(batch_size=S["batch_size"], epochs=self.epochs), n).steps_per_epoch
 
     def config(self, args, S: dict, out: Path, manifest: dict):
         spe = self.steps_per_epoch(manifest, S)
         max_len = S[self.dataset]["max_seq_length"]
-        init = str(out / "runs" / self.first_stage / "adapters") if self.first_stage else None
+        init = str(RunDir(out / "runs" / self.first_stage).adapters) if self.first_stage else None
         return target_config(args, S, max_len=max_len, train=manifest["files"][self.train_key],
                              objective=self.objective, run_dir=str(out / "runs" / self.name), seed=self.seed,
                              epochs=self.epochs, steps_per_epoch=spe, lr=self.lr, init_adapters=init)
@@ -501,7 +504,7 @@ class Run:
     def checkpoint(self, out: Path, manifest: dict, S: dict, epoch: int) -> Path:
         spe = self.steps_per_epoch(manifest, S)
         step = min(epoch * spe, self.epochs * spe)
-        return out / "runs" / self.name / "checkpoints" / f"step-{step:07d}"
+        return RunDir(out / "runs" / self.name).checkpoint(step)
 
 
 def runs_for_seed(S: dict, seed: int) -> list[Run]:
@@ -560,8 +563,8 @@ class Policies:
         from mlx.utils import tree_flatten
 
         from poft_mlx.models import modeling
-        from poft_mlx.training.dpo import load_policy
-        from poft_mlx.training.pipeline import target_renderer
+        from poft_mlx.models.adapters import load_policy
+        from poft_mlx.data.prepare import target_renderer
 
         key = (cfg.model, cfg.init_adapters, adapters is not None, json.dumps(clean(vars(cfg.adapter)), sort_keys=True))
         if key != self.key:
@@ -572,7 +575,7 @@ class Policies:
             self.renderer = target_renderer(self.loaded.tokenizer, cfg)
             self.key = key
         if adapters is not None:
-            weights = mx.load(str(adapters / "adapters.safetensors"))
+            weights = mx.load(str(adapters / ADAPTER_FILE))
             params = dict(tree_flatten(self.loaded.model.trainable_parameters()))
             if set(weights) != set(params) or any(weights[k].shape != params[k].shape for k in weights):
                 raise ValueError(f"{adapters}: adapters do not match the LoRA layers of the current settings")
@@ -585,9 +588,9 @@ class Policies:
         import mlx.core as mx
 
         from poft_mlx.models.modeling import batch_logprobs
-        from poft_mlx.training.pipeline import prepare
+        from poft_mlx.data.prepare import prepare
         from poft_mlx.scoring.references import open_aligned, reference_scores
-        from poft_mlx.training.loop import Dataset
+        from poft_mlx.training.batches import EncodedData
 
         pkey = (path, cfg.data.max_seq_length)
         if pkey not in self.prepared:
@@ -597,7 +600,7 @@ class Policies:
             if hkey not in self.handles:  # opened after the score unit: every entry needed is in the cache
                 self.handles[hkey] = [open_aligned(cfg, a) for a in cfg.aligned]
             r_ref, _ = reference_scores(self.handles[hkey], prep.samples)
-            self.prepared[pkey] = Dataset(prep.samples, prep.encodings, r_ref.astype(np.float32))
+            self.prepared[pkey] = EncodedData(prep.samples, prep.encodings, r_ref.astype(np.float32))
         ds = self.prepared[pkey]
         lp, n = np.full(len(ds), np.nan), np.full(len(ds), np.nan)
         for g in ds.batches(cfg.score.batch_size):
@@ -770,7 +773,7 @@ class Replication:
         return target_config(self.args, self.S, max_len=self.S[dataset]["max_seq_length"], train=train)
 
     def do_score(self, gsm_files: list[str], sg_files: list[str]) -> dict:
-        from poft_mlx.training.pipeline import run_score
+        from poft_mlx.scoring.run import run_score
 
         self.policies.clear()
         f = self.manifest["files"]
@@ -807,14 +810,14 @@ class Replication:
 
     def do_train(self, run: Run) -> dict:
         from poft_mlx.training.checkpoint import latest_checkpoint
-        from poft_mlx.training.pipeline import run_train
+        from poft_mlx.training.run import run_train
 
         self.policies.clear()
         cfg = run.config(self.args, self.S, self.out, self.manifest)
         run_dir = Path(cfg.run_dir)
         total = run.epochs * run.steps_per_epoch(self.manifest, self.S)
         ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
-        done = json.loads((ckpt / "state.json").read_text())["step"] if ckpt else 0
+        done = json.loads((ckpt / STATE_FILE).read_text())["step"] if ckpt else 0
         resumed = 0 < done < total
         if done < total:
             if done == 0 and run_dir.exists():
@@ -825,7 +828,7 @@ class Replication:
         missing = [e for e in run.eval_epochs if not run.checkpoint(self.out, self.manifest, self.S, e).is_dir()]
         if missing:
             raise RuntimeError(f"{run_dir}: no checkpoint for epoch(s) {missing}")
-        lines = read_lines(run_dir / "metrics.jsonl")
+        lines = read_lines(RunDir(run_dir).metrics)
         keep = ("step", "epoch", "loss", "ce", "tau_mean", "win_rate", "accuracy", "margin", "tokens_per_sec")
         return {"run": run.name, "config": clean(json.loads(json.dumps(vars(run), default=str))),
                 "steps": total, "steps_per_epoch": run.steps_per_epoch(self.manifest, self.S),

@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from ..config import Config
-from ..training.pipeline import prepare, target_renderer
-from ..scoring.references import MissingScores, open_aligned, reference_scores
+from ..errors import ConfigError, InputMissing, MissingExtra, MissingScores
+from ..rundir import ADAPTER_FILE, RunDir
+from ..data.prepare import prepare, target_renderer
+from ..scoring.references import open_aligned, reference_scores
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 BOTTOM = (0.1, 0.2, 0.3)
@@ -50,9 +52,9 @@ def load_scored(cfg: Config, data: str) -> Scored:
     from ..models.modeling import resolve
 
     if not cfg.model:
-        raise ValueError("no target model: set `model` (the report fits records with its template, as training does)")
+        raise ConfigError("no target model: set `model` (the report fits records with its template, as training does)")
     if not cfg.aligned:
-        raise ValueError("no aligned models (config key `aligned`): there are no scores to report")
+        raise ConfigError("no aligned models (config key `aligned`): there are no scores to report")
     prep = prepare(data, target_renderer(load_tokenizer(resolve(cfg.model)), cfg), cfg)
     handles = [open_aligned(cfg, a) for a in cfg.aligned]
     try:
@@ -123,23 +125,18 @@ def least_likely(scored: Scored, n: int) -> list[dict]:
 
 def run_weights(cfg: Config, scored: Scored, run_dir: str | Path, *, batch_size: int = 8) -> dict:
     """r_theta under the run's adapters and tau = sigmoid(-(beta (r_theta - r_ref) + gamma)) [N]."""
-    import mlx.core as mx
+    from ..models.adapters import load_policy
+    from ..models.modeling import sequence_logprobs
+    from ..training.batches import EncodedData
 
-    from ..training.dpo import load_policy
-    from ..models.modeling import batch_logprobs
-    from ..training.loop import Dataset
-
-    adapters = Path(run_dir) / "adapters"
-    if not (adapters / "adapters.safetensors").is_file():
-        raise FileNotFoundError(f"{run_dir}: no adapters/adapters.safetensors (is it a finished run folder?)")
+    adapters = RunDir(run_dir).adapters
+    if not (adapters / ADAPTER_FILE).is_file():
+        raise InputMissing(f"{run_dir}: no adapters/{ADAPTER_FILE} (is it a finished run folder?)")
     loaded = load_policy(cfg, str(adapters))
-    loaded.model.eval()
-    ds = Dataset(scored.samples, scored.encodings, scored.r_ref.astype(np.float32))
+    ds = EncodedData(scored.samples, scored.encodings, scored.r_ref.astype(np.float32))
     r_theta = np.full(len(ds), np.nan)
-    for g in ds.batches(batch_size):
-        lp, n = batch_logprobs(loaded.model, ds.batch(g))
-        mx.eval(lp)
-        r_theta[g] = np.array(lp, np.float64) / np.maximum(np.array(n, np.float64), 1.0)
+    for batch, lp, n in sequence_logprobs(loaded.model, (ds.batch(g) for g in ds.batches(batch_size))):
+        r_theta[batch.index] = np.array(lp, np.float64) / np.maximum(np.array(n, np.float64), 1.0)
     z = cfg.beta * (r_theta - scored.r_ref) + cfg.gamma
     return {"r_theta": r_theta, "tau": 1.0 / (1.0 + np.exp(z))}
 
@@ -147,7 +144,7 @@ def run_weights(cfg: Config, scored: Scored, run_dir: str | Path, *, batch_size:
 def keep_top(scored: Scored, fraction: float, out: str | Path) -> dict:
     """Write the records of the top `fraction` of samples by r_ref, verbatim, in file order."""
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"--keep-top must be in (0, 1], got {fraction}")
+        raise ConfigError(f"--keep-top must be in (0, 1], got {fraction}")
     n = len(scored.samples)
     k = max(1, round(fraction * n))
     top = np.argsort(-scored.r_ref, kind="stable")[:k]
@@ -168,7 +165,7 @@ def _plt():
     try:
         import matplotlib
     except ImportError:
-        raise ImportError("the report's plots need matplotlib: pip install 'poft-mlx[plot]'") from None
+        raise MissingExtra("the report's plots need matplotlib: pip install 'poft-mlx[plot]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -233,9 +230,9 @@ def run_report(cfg: Config, data: str | None = None, out_dir: str | Path = "poft
     """Everything above for `data` (default data.train); writes PNGs and report.json to out_dir."""
     data = data or cfg.data.train
     if not data:
-        raise ValueError("no data set: give --data FILE or set data.train")
+        raise ConfigError("no data set: give --data FILE or set data.train")
     if keep is not None and not keep_out:
-        raise ValueError("--keep-top needs --out FILE for the filtered data set")
+        raise ConfigError("--keep-top needs --out FILE for the filtered data set")
     scored = load_scored(cfg, data)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..config import Config, load_config
+from ..rundir import RunDir
 
 QUICKSTART_CONFIG = Path(__file__).parent / "quickstart.yaml"
 SIZES = {"train": 32, "valid": 8, "test": 12}
@@ -38,7 +39,8 @@ def run_quickstart(out: str | Path = "runs/quickstart", overrides: list[str] = (
                    noise: float = NOISE, generate: dict | None = None) -> dict:
     from ..data.builtin import split_gsm8k
     from ..evaluation.answers import run_generation_eval
-    from ..training.pipeline import run_score, run_train
+    from ..scoring.run import run_score
+    from ..training.run import run_train
     from ..evaluation.plot import plot_if_possible
 
     t0 = time.perf_counter()
@@ -57,7 +59,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", overrides: list[str] = (
         runs[objective] = run_train(replace(cfg, objective=objective, run_dir=str(out / objective)))
     plot = plot_if_possible([runs["poft"], runs["sft"]], out / "curves.png", log=say)
     say(f"5/5 evaluate base, PoFT and SFT on {sizes['test']} clean held-out questions: likelihood, then generation")
-    models = {"base": (cfg, None), **{name: (cfg, str(run / "adapters")) for name, run in runs.items()}}
+    models = {"base": (cfg, None), **{name: (cfg, str(RunDir(run).adapters)) for name, run in runs.items()}}
     result = run_generation_eval(models, str(paths["test"]), out / "eval", answer="gsm8k",
                                  **(generate or GENERATE), log=say)
     say("done")

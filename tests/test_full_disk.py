@@ -230,12 +230,12 @@ def test_fuse_and_convert_on_a_full_disk_leave_no_partial_model(tiny_models, tmp
 
 def test_a_plain_enospc_anywhere_in_a_command_is_one_line(monkeypatch, tmp_path):
     """Writes without their own message (metrics.jsonl, a report) still end in one line."""
-    from poft_mlx.training import pipeline
+    from poft_mlx.scoring import run as scoring_run
 
     def full(cfg, files=None):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "metrics.jsonl"))
 
-    monkeypatch.setattr(pipeline, "run_score", full)
+    monkeypatch.setattr(scoring_run, "run_score", full)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("{}\n")
     line = one_error(invoke("score", "-c", cfg))

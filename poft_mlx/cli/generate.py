@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .main import _run
+from .common import run
 
 SOURCE_HELP = "a run folder (its adapters and the template it trained with), a fused folder, or a model reference"
 
@@ -26,9 +26,9 @@ def _decoding(fn):
 
 
 def _open(source, chat_template, adapter_path):
-    from ..models.generation import open_generator
+    from ..models.generation import open_generator  # lazy: loads mlx; keeps --help fast
 
-    return _run(open_generator, source, chat_template=chat_template, adapter_path=adapter_path)
+    return run(open_generator, source, chat_template=chat_template, adapter_path=adapter_path)
 
 
 @click.command(help=f"Answer each PROMPT with SOURCE: {SOURCE_HELP}. One prompt streams its reply.")
@@ -38,7 +38,7 @@ def _open(source, chat_template, adapter_path):
 @click.option("--batch-size", default=8, show_default=True, help="Prompts decoded together.")
 @_decoding
 def generate(source, prompts, batch_size, max_tokens, temperature, top_p, seed, system, chat_template, adapter_path):
-    from ..models.generation import StreamPrinter, generate as gen_replies
+    from ..models.generation import StreamPrinter, generate as gen_replies  # lazy: keeps --help fast
 
     gen = _open(source, chat_template, adapter_path)
     convs = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
@@ -46,7 +46,7 @@ def generate(source, prompts, batch_size, max_tokens, temperature, top_p, seed, 
     stream = None
     if len(prompts) == 1:
         stream = StreamPrinter(gen.tokenizer, lambda s: click.echo(s, nl=False))
-    replies = _run(gen_replies, gen, convs, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+    replies = run(gen_replies, gen, convs, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                    batch_size=batch_size, on_token=stream)
     if stream is not None:
         stream.finish()
@@ -61,7 +61,7 @@ def generate(source, prompts, batch_size, max_tokens, temperature, top_p, seed, 
 @_decoding
 def chat(source, max_tokens, temperature, top_p, seed, system, chat_template, adapter_path):
     """Talk to SOURCE in the terminal (/reset clears the history, /exit or Ctrl-D quits)."""
-    from ..models.generation import StreamPrinter, generate as gen_replies
+    from ..models.generation import StreamPrinter, generate as gen_replies  # lazy: keeps --help fast
 
     gen = _open(source, chat_template, adapter_path)
     history = [{"role": "system", "content": system}] if system else []
@@ -84,7 +84,7 @@ def chat(source, max_tokens, temperature, top_p, seed, system, chat_template, ad
         history.append({"role": "user", "content": text})
         click.echo("model> ", nl=False)
         stream = StreamPrinter(gen.tokenizer, lambda s: click.echo(s, nl=False))
-        reply = _run(gen_replies, gen, [history], max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+        reply = run(gen_replies, gen, [history], max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                      seed=seed + turn, on_token=stream)[0]
         stream.finish()
         click.echo("")

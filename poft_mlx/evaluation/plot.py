@@ -1,11 +1,11 @@
-"""`poft-mlx plot RUN...`: the training curves of one or several runs, from their metrics.jsonl.
+"""The training curves of one or several runs, from their metrics.jsonl.
 
 One panel per metric (loss, cross-entropy, mean tau, win rate, learning rate) against the step,
 the panels sharing their step axis; one colour per run, training reports as solid lines and
 validation passes as dashed lines with dots. A metric a run does not log is left out for that run
 (an SFT run without aligned models has no tau and no win rate; validation has no learning rate).
-The values are metrics.read_metrics', the reader behind the model card. Writes PNG and SVG.
-Needs matplotlib (pip install 'poft-mlx[plot]').
+The values are rundir.read_metrics', the reader behind the model card. Writes PNG and SVG.
+Needs matplotlib (pip install 'poft-mlx[plot]'). The command is cli/report.py's.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import click
-
-from ..metrics import read_metrics
+from ..errors import DataError, MissingExtra
+from ..rundir import RunDir, read_metrics
 
 PANELS = (
     ("loss", "loss (each run's objective)"),
@@ -56,19 +55,19 @@ def run_labels(runs: Sequence[str | Path]) -> list[str]:
 
 def figure(runs: Sequence[str | Path], labels: Sequence[str] | None = None) -> Any:
     """A matplotlib Figure of the runs' curves. Each curve is a Line2D whose gid is
-    "LABEL|SPLIT|METRIC"; raises ValueError for a run with no metrics."""
+    "LABEL|SPLIT|METRIC"; raises DataError for a run with no metrics."""
     try:
         from matplotlib.figure import Figure
         from matplotlib.lines import Line2D
         from matplotlib.ticker import FormatStrFormatter, MaxNLocator
     except ImportError:
-        raise ImportError(MISSING_MATPLOTLIB) from None
+        raise MissingExtra(MISSING_MATPLOTLIB) from None
     labels = list(labels) if labels is not None else run_labels(runs)
     data = []
     for run in runs:
         c = curves(run)
         if not c:
-            raise ValueError(f"{run}: no metrics to plot (no readable train/val records in {Path(run) / 'metrics.jsonl'})")
+            raise DataError(f"{run}: no metrics to plot (no readable train/val records in {RunDir(run).metrics})")
         data.append(c)
     fig = Figure(figsize=(13, 7.5), layout="constrained")
     grid = fig.subplots(2, 3, sharex=True)
@@ -120,25 +119,8 @@ def plot_if_possible(runs: Sequence[str | Path], out: str | Path, log: Callable[
     nothing, says why and returns None instead of failing the work done."""
     try:
         path = plot_runs(runs, out)[0]
-    except (ImportError, ValueError) as e:
+    except (MissingExtra, DataError) as e:
         log(f"no training curves: {e}")
         return None
     log(f"training curves: {path}")
     return path
-
-
-@click.command("plot")
-@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Image to write (.png or .svg). Default: RUN/curves.png for one run, curves.png for several.")
-@click.option("--svg", is_flag=True, help="Also write an SVG beside the PNG.")
-def plot(runs: tuple[Path, ...], out: Path | None, svg: bool) -> None:
-    """Draw loss, CE, tau, win rate and learning rate against step for RUNS (run folders)."""
-    out = out or (runs[0] / "curves.png" if len(runs) == 1 else Path("curves.png"))
-    try:
-        paths = plot_runs(runs, out, svg=svg)
-    except (ImportError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
-    except OSError as e:  # an unwritable place, a full disk
-        raise click.ClickException(f"cannot write {e.filename or out}: {e.strerror or e}") from None
-    click.echo("wrote " + ", ".join(str(p) for p in paths))

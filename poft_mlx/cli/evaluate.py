@@ -1,0 +1,101 @@
+"""`poft-mlx eval`: the base model and runs side by side on held-out data (likelihood, and with
+--generate or --lm-eval generated answers or lm-evaluation-harness tasks)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import click
+
+from ..rundir import RunDir
+from .common import config_options, echo_once, load, run, run_config
+
+
+@click.command("eval")
+@config_options
+@click.option("--data", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Held-out JSONL file (required unless --lm-eval is given).")
+@click.option("--base/--no-base", default=True, help="Also evaluate the target without adapters.")
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Write the table as JSON here.")
+@click.option("--generate", "gen", is_flag=True,
+              help="Also generate a reply to every held-out prompt with every model and compare them: accuracy, "
+                   "the aligned models' likelihood of the replies, length, paired bootstrap intervals.")
+@click.option("--out", "out_dir", default="eval", show_default=True, type=click.Path(file_okay=False),
+              help="With --generate: folder for eval.md, eval.json and eval.html.")
+@click.option("--answer", default="auto", show_default=True,
+              help="With --generate: how to check answers: gsm8k (the final number), none, re:PATTERN "
+                   "(applied to reply and reference; the last match's first group), auto (gsm8k when every "
+                   "reference has '#### N').")
+@click.option("--max-tokens", default=256, show_default=True, help="With --generate: most tokens per reply.")
+@click.option("--gen-batch-size", default=8, show_default=True, help="With --generate: prompts decoded together.")
+@click.option("--temp", "temperature", default=0.0, show_default=True, help="With --generate: 0 = greedy.")
+@click.option("--limit", type=int, default=None, help="Only the first N held-out records.")
+@click.option("--lm-eval", "lm_tasks", default=None, metavar="TASKS",
+              help="Also run lm-evaluation-harness tasks (comma-separated names) on every model "
+                   "(optional extra: pip install 'poft-mlx[lm-eval]'; built-in tasks download their data).")
+@click.option("--lm-eval-include", type=click.Path(file_okay=False, exists=True), default=None,
+              help="With --lm-eval: a folder of task YAMLs (e.g. tasks on local files).")
+@click.option("--lm-eval-limit", type=int, default=None, help="With --lm-eval: at most N documents per task.")
+@click.option("--lm-eval-fewshot", type=int, default=None, help="With --lm-eval: few-shot examples per prompt.")
+@click.option("--lm-eval-chat-template", is_flag=True,
+              help="With --lm-eval: render prompts with the model's chat template (default: raw text).")
+@click.argument("runs", nargs=-1, type=click.Path(file_okay=False, exists=True))
+def eval_cmd(configs, overrides, data, base, json_out, gen, out_dir, answer, max_tokens, gen_batch_size,
+             temperature, limit, lm_tasks, lm_eval_include, lm_eval_limit, lm_eval_fewshot, lm_eval_chat_template,
+             runs):
+    """Compare the base model and RUNS (run folders) on held-out data, side by side."""
+    # lazy: keeps --help fast (mlx, the models and the harness load only for an evaluation)
+    from ..evaluation.answers import jsonable, markdown, run_generation_eval
+    from ..evaluation.likelihood import run_eval
+    from ..evaluation.lm_eval import format_lm_eval_table, run_lm_eval
+    from ..runtime.distributed import group, is_main
+
+    first = run_config(runs[0]) if runs else None
+    models = {}
+    if base:  # the target as it was before any stage: no init_adapters either
+        cfg = load(configs, overrides, first)
+        models["base"] = (replace(cfg, init_adapters=None), None)
+    for run_dir in runs:
+        cfg = load(configs, overrides, run_config(run_dir))
+        models[str(run_dir)] = (cfg, str(RunDir(run_dir).adapters))
+    if not models:
+        raise click.UsageError("nothing to evaluate: give run folders and/or --base")
+    if data is None and (gen or not lm_tasks):
+        raise click.UsageError("Missing option '--data' (held-out JSONL)" + ("" if gen else " or --lm-eval TASKS"))
+    if (gen or lm_tasks) and group().size() > 1:
+        flag = "--generate" if gen else "--lm-eval"
+        raise click.UsageError(f"eval {flag} runs in one process (not under mlx.launch / mpirun)")
+    rows = {name: {} for name in models}
+    if gen:
+        result = run(run_generation_eval, models, data, out_dir, answer=answer, max_tokens=max_tokens,
+                     batch_size=gen_batch_size, temperature=temperature, limit=limit,
+                     log=lambda m: click.echo(m, err=True))
+        click.echo(markdown(result))
+        click.echo(f"written: {Path(out_dir) / 'eval.md'}, eval.json, eval.html (the answers side by side)")
+        rows = dict(result["models"])
+    elif data is not None:
+        rows = {name: run(run_eval, cfg, data, adapters) for name, (cfg, adapters) in models.items()}
+        echo_once(format_table(rows))
+    if lm_tasks:
+        harness = run(run_lm_eval, models, lm_tasks.split(","), include_path=lm_eval_include,
+                      limit=lm_eval_limit, num_fewshot=lm_eval_fewshot, chat_template=lm_eval_chat_template,
+                      log=lambda m: click.echo(m, err=True))
+        click.echo(format_lm_eval_table(harness))
+        for name, tasks in harness.items():
+            rows[name]["lm_eval"] = tasks
+    if json_out and is_main():
+        Path(json_out).write_text(json.dumps(jsonable(rows), indent=1))
+
+
+def format_table(rows: dict) -> str:
+    """The likelihood metrics of every model, one row each (a metric no model has is left out)."""
+    cols = ["ce", "ppl", "poft_loss", "tau_mean", "win_rate", "margin", "samples"]
+    cols = [c for c in cols if any(c in r for r in rows.values())]
+    width = max(len(k) for k in rows) + 2
+    lines = ["model".ljust(width) + "".join(c.rjust(11) for c in cols)]
+    for name, r in rows.items():
+        cells = "".join((f"{r[c]:11.4f}" if isinstance(r.get(c), float) else str(r.get(c, "-")).rjust(11)) for c in cols)
+        lines.append(name.ljust(width) + cells)
+    return "\n".join(lines)

@@ -6,16 +6,9 @@ from pathlib import Path
 
 import click
 
-from ..errors import DiskFull
 from .common import run
 
 BASE_HELP = "Base model folder, when not where the run's adapter_config.json says."
-
-
-def _export():  # lazy: mlx loads only for the commands that need it; keeps --help fast
-    from ..export import fuse as export
-
-    return export
 
 
 @click.command("fuse")
@@ -114,22 +107,18 @@ def export_gguf(source: Path, out: Path, outtype: str | None, lora: bool, base: 
                 no_check: bool, force: bool) -> None:
     """Write SOURCE (a run folder, fused first, or a model folder) as the GGUF file OUT for llama.cpp,
     Ollama and LM Studio, with its tokenizer and chat template (docs/gguf.md)."""
-    export = _export()
-    try:
-        if lora:
-            from ..export.gguf_lora import export_lora_gguf
+    if lora:
+        from ..export.gguf_lora import export_lora_gguf  # lazy: keeps --help fast
 
-            r = export_lora_gguf(source, out, outtype=outtype or "f32", base=base, force=force)
-            click.echo(f"wrote {r.path}: {r.architecture} LoRA adapter, rank {r.rank}, alpha {r.alpha:g}, "
-                       f"{r.matrices} matrices, for a GGUF of base {r.base}")
-            click.echo(f"  llama.cpp: llama-cli -m BASE.gguf --lora {r.path}")
-            return
-        from ..export.gguf import export_gguf as write
+        r = run(export_lora_gguf, source, out, outtype=outtype or "f32", base=base, force=force)
+        click.echo(f"wrote {r.path}: {r.architecture} LoRA adapter, rank {r.rank}, alpha {r.alpha:g}, "
+                   f"{r.matrices} matrices, for a GGUF of base {r.base}")
+        click.echo(f"  llama.cpp: llama-cli -m BASE.gguf --lora {r.path}")
+        return
+    from ..export.gguf import export_gguf as write_gguf  # lazy: keeps --help fast
 
-        r = write(source, out, outtype=outtype or "f16", base=base, dequantize=dequantize, force=force,
-                  check=not no_check)
-    except (export.ExportError, DiskFull) as e:
-        raise click.ClickException(str(e)) from None
+    r = run(write_gguf, source, out, outtype=outtype or "f16", base=base, dequantize=dequantize, force=force,
+            check=not no_check)
     if r.fused_from is not None:
         click.echo(f"fused {r.fused_from} first" + ("" if no_check else " (check passed)"))
     types = ", ".join(f"{n} {t}" for t, n in sorted(r.tensor_types.items()))
@@ -137,4 +126,3 @@ def export_gguf(source: Path, out: Path, outtype: str | None, lora: bool, base: 
     click.echo(f"wrote {r.path} ({r.nbytes / 2**20:.1f} MiB): {r.architecture}, {r.outtype}, {r.tensors} tensors "
                f"({types}), {r.n_vocab} tokens, {template}")
     click.echo(f"  llama.cpp: llama-cli -m {r.path}   Ollama / LM Studio: see docs/gguf.md")
-

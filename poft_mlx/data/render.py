@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+from jinja2 import TemplateError as JinjaError
 
 from ..errors import TemplateError
 from .records import Sample
@@ -93,8 +94,6 @@ class Renderer:
     def apply(self, messages: list[dict], generation_prompt: bool) -> str:
         # transformers renders in jinja2's ImmutableSandboxedEnvironment: a template's attempt to
         # leave it (''.__class__...) raises SecurityError, which ends here as one clear error.
-        from jinja2 import TemplateError as JinjaError
-
         try:
             return self.tok.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=generation_prompt,

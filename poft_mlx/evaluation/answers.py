@@ -20,6 +20,7 @@ table. Outputs: eval.json (everything, per sample too), eval.md (the tables) and
 
 from __future__ import annotations
 
+import gc
 import html
 import json
 import re
@@ -27,10 +28,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+import mlx.core as mx
 import numpy as np
 
-from ..data.records import Sample
+from ..data.builtin import final_number
+from ..data.records import Sample, read_jsonl
 from ..errors import ConfigError
+from ..models.generation import generate, open_generator
+from ..scoring.references import reference_scores, score_all
+from .likelihood import run_eval
 
 N_RESAMPLES = 10_000
 METRICS = ("correct", "aligned_lp", "reply_tokens", "stopped")
@@ -42,8 +48,6 @@ METRICS = ("correct", "aligned_lp", "reply_tokens", "stopped")
 def gsm8k_answer(text: str) -> str | None:
     """GSM8K's graded answer: the number after '####', else the last number; normalised
     ("1,000" -> "1000", "$18.00" -> "18", "5.50" -> "5.5")."""
-    from ..data.builtin import final_number
-
     n = final_number(text)
     if n is None:
         return None
@@ -136,8 +140,6 @@ def prompts_of(samples: list[Sample]) -> list[Prompt]:
 
 def aligned_scores(cfg, prompts: list[Prompt], replies: list[str], log=print) -> np.ndarray:
     """The aligned models' weighted token-mean log-likelihood of each reply (NaN for empty ones)."""
-    from ..scoring.references import reference_scores, score_all
-
     keep = [i for i, r in enumerate(replies) if r.strip()]
     out = np.full(len(replies), np.nan)
     if not keep or not cfg.aligned:
@@ -153,8 +155,6 @@ def aligned_scores(cfg, prompts: list[Prompt], replies: list[str], log=print) ->
 
 def generate_for(gen, prompts: list[Prompt], extract, *, max_tokens: int, batch_size: int,
                  temperature: float, seed: int) -> dict:
-    from ..models.generation import generate
-
     replies = generate(gen, [p.messages for p in prompts], max_tokens=max_tokens, batch_size=batch_size,
                        temperature=temperature, seed=seed)
     per = {"reply": [r.text for r in replies],
@@ -191,14 +191,6 @@ def run_generation_eval(configs: dict, data: str, out_dir: str | Path, *, answer
 
     Writes eval.json, eval.md and eval.html to out_dir; returns the summary (see summarize).
     """
-    import gc
-
-    import mlx.core as mx
-
-    from ..data.records import read_jsonl
-    from ..models.generation import open_generator
-    from .likelihood import run_eval
-
     records = read_jsonl(data)[:limit] if limit else read_jsonl(data)
     prompts = prompts_of(records)
     if answer == "auto":

@@ -30,6 +30,9 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import ConfigError, MissingExtra
+from ..models import modeling
+from ..models.generation import generate_tokens, open_generator
+from ..runtime import kernels
 
 INSTALL_HINT = "pip install 'poft-mlx[lm-eval]'"
 GREEDY_LOGITS_BYTES = 1 << 30  # the is_greedy forward pass's logits, per group of rows
@@ -39,7 +42,7 @@ LmEvalMissing = MissingExtra  # the name this module raised it under
 
 
 def require_lm_eval():
-    try:
+    try:  # lazy: an optional extra
         import lm_eval
         import lm_eval.api.model  # noqa: F401
     except ImportError as e:
@@ -70,12 +73,8 @@ def _model_max_length(model) -> int:
 def lm_class():
     """The harness model class (defined on first use: it subclasses lm_eval's TemplateLM)."""
     require_lm_eval()
-    from lm_eval import utils as lm_utils
+    from lm_eval import utils as lm_utils  # lazy: an optional extra
     from lm_eval.api.model import TemplateLM
-
-    from ..runtime import kernels
-    from ..models import modeling
-    from ..models.generation import generate_tokens
 
     class PoftLM(TemplateLM):
         """A poft-mlx Generator (model, tokenizer, template, stop tokens) as an lm-eval LM."""
@@ -242,7 +241,7 @@ def task_manager(tasks: list[str], include_path: str | None = None):
     """lm-eval's TaskManager; only the include folder's tasks when it defines every task asked for
     (indexing the few thousand built-in task files takes seconds)."""
     require_lm_eval()
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # lazy: an optional extra
 
     if include_path:
         local = TaskManager(include_path=str(include_path), include_defaults=False)
@@ -280,8 +279,6 @@ def run_lm_eval(models: dict, tasks: list[str], *, include_path: str | None = No
     full result per model (configs, versions, per-sample logs left out).
     """
     lm_eval = require_lm_eval()
-    from ..models.generation import open_generator
-
     tasks = [t.strip() for t in tasks if t and t.strip()]
     if not tasks:
         raise ConfigError("--lm-eval: no task names given")

@@ -56,7 +56,7 @@ def run_labels(runs: Sequence[str | Path]) -> list[str]:
 def figure(runs: Sequence[str | Path], labels: Sequence[str] | None = None) -> Any:
     """A matplotlib Figure of the runs' curves. Each curve is a Line2D whose gid is
     "LABEL|SPLIT|METRIC"; raises DataError for a run with no metrics."""
-    try:
+    try:  # lazy: an optional extra
         from matplotlib.figure import Figure
         from matplotlib.lines import Line2D
         from matplotlib.ticker import FormatStrFormatter, MaxNLocator

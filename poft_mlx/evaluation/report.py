@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from mlx_lm.utils import load_tokenizer
 
 from ..config import Config
-from ..errors import ConfigError, InputMissing, MissingExtra, MissingScores
-from ..rundir import ADAPTER_FILE, RunDir
 from ..data.prepare import prepare, target_renderer
+from ..errors import ConfigError, InputMissing, MissingExtra, MissingScores
+from ..models.modeling import resolve
+from ..rundir import ADAPTER_FILE, RunDir
 from ..scoring.references import open_aligned, reference_scores
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -47,10 +49,6 @@ class Scored:
 
 def load_scored(cfg: Config, data: str) -> Scored:
     """Fit the records as training does and read their cached aligned scores (no scoring)."""
-    from mlx_lm.utils import load_tokenizer
-
-    from ..models.modeling import resolve
-
     if not cfg.model:
         raise ConfigError("no target model: set `model` (the report fits records with its template, as training does)")
     if not cfg.aligned:
@@ -162,7 +160,7 @@ def keep_top(scored: Scored, fraction: float, out: str | Path) -> dict:
 
 
 def _plt():
-    try:
+    try:  # lazy: an optional extra
         import matplotlib
     except ImportError:
         raise MissingExtra("the report's plots need matplotlib: pip install 'poft-mlx[plot]'") from None

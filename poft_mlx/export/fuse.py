@@ -29,6 +29,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import dequantize_model, load_model, load_tokenizer, make_shards, save_config
 
+from ..data.render import resolve_template
 from ..errors import ExportError, FuseCheckError
 from ..runtime import diskspace
 from .hub import CHECK_FILE
@@ -215,8 +216,6 @@ def _write_chat_template(run: Run, out: Path) -> None:
     """The template the run trained with goes into tokenizer_config.json, so that every tool that
     reads the folder (mlx_lm.generate, transformers, poft-mlx generate) formats prompts the way the
     model learned; a base without a template (gemma-3 base) would otherwise get none."""
-    from ..data.render import resolve_template
-
     spec = run.folder.read_config().get("chat_template")
     path = out / "tokenizer_config.json"
     if not spec or not path.is_file():

@@ -56,7 +56,7 @@ def collect_provenance(run_dir: str | Path, base: str | Path | None = None) -> d
     `base` is the local base model folder (default: where adapter_config.json says); its licence
     (README front matter, config.json, or the GGUF it was converted from) is recorded when stated.
     """
-    from ..models.refs import hub_cache_id, portable_ref
+    from ..models.refs import hub_cache_id, portable_ref  # lazy: loads mlx and gguf-py; keeps push light
 
     run = RunDir(run_dir)
     config = run.read_config()
@@ -159,7 +159,7 @@ def _model_ref(prov: dict[str, Any], key: str = "target") -> dict[str, str] | No
     if isinstance(ref, dict) and ref.get("ref"):
         return ref
     if prov.get(key):
-        from ..models.refs import portable_ref
+        from ..models.refs import portable_ref  # lazy: loads mlx and gguf-py; keeps push light
 
         return portable_ref(str(prov[key]))
     return None
@@ -169,7 +169,7 @@ def _aligned_refs(prov: dict[str, Any]) -> list[dict[str, str]]:
     refs = prov.get("aligned_refs")
     if isinstance(refs, list) and all(isinstance(r, dict) and r.get("ref") for r in refs):
         return refs
-    from ..models.refs import portable_ref
+    from ..models.refs import portable_ref  # lazy: loads mlx and gguf-py; keeps push light
 
     return [portable_ref(str(a)) for a in prov.get("aligned") or [] if a]
 
@@ -388,6 +388,7 @@ def push(
     token is needed. Raises HubError for a missing folder, a bad repo id, a folder whose fuse
     check failed, a missing token or a refused upload.
     """
+    # lazy: the Hub client loads only for a push
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HFValidationError, HfHubHTTPError, HTTPError
     from huggingface_hub.utils import validate_repo_id
@@ -436,7 +437,7 @@ _RETRIED = ("/preupload/", "/commit/", "/info/lfs/")  # where huggingface_hub re
 
 def push_failure(e: Exception, repo_id: str, endpoint: str, token: str | None) -> str:
     """One line: what failed, at which step, whether it was retried, what to do; never the token."""
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError  # lazy: the Hub client loads only for a push
 
     response = getattr(e, "response", None) if isinstance(e, HfHubHTTPError) else None
     url = ""

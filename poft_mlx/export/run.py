@@ -18,12 +18,14 @@ from typing import Any
 
 import mlx.nn as nn
 import yaml
+from huggingface_hub import snapshot_download
 from mlx_lm.tuner.utils import load_adapters
 from mlx_lm.utils import dequantize_model, load_model
 
 from ..errors import ExportError
 from ..models.adapters import fuse_adapters
 from ..models.files import check_folder
+from ..models.refs import portable_ref
 from ..rundir import ADAPTER_CONFIG, ADAPTER_FILE, RunDir
 from .hub import CONFIG_COPY, PROVENANCE_FILE, collect_provenance
 
@@ -87,8 +89,6 @@ def _find_base(ref: str | Path | None) -> Path | None:
     if Path(ref).is_dir():
         return Path(ref)
     try:  # a Hub id already in the local cache; never downloads
-        from huggingface_hub import snapshot_download
-
         return Path(snapshot_download(str(ref), local_files_only=True))
     except Exception:
         return None
@@ -154,7 +154,6 @@ def write_provenance(run: Run, out: Path, export: str) -> None:
 def portable_config(config: dict[str, Any]) -> dict[str, Any]:
     """The run's resolved config with every model reference made portable (modelref.portable_ref)
     and every other local path (data files, run folder, caches, templates) cut to its last part."""
-    from ..models.refs import portable_ref
 
     def model(ref: Any) -> Any:
         return portable_ref(str(ref))["ref"] if isinstance(ref, str) and ref else ref

@@ -41,6 +41,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from jinja2 import nodes
+from jinja2.exceptions import TemplateSyntaxError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from ..errors import ModelFileError
 
 CHECKS_VERSION = 1
@@ -262,10 +266,6 @@ def check_template(template: Any, where: str) -> None:
         return
     if not isinstance(template, str):
         return
-    from jinja2 import nodes
-    from jinja2.exceptions import TemplateSyntaxError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     try:
         tree = ImmutableSandboxedEnvironment().parse(template)
     except TemplateSyntaxError:
@@ -334,7 +334,7 @@ def _check_tokenizer_code(path: Path, cfg: dict[str, Any]) -> None:
     entry = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else None
     if not entry:
         return
-    import transformers
+    import transformers  # lazy: seconds to import; only a tokenizer with an auto_map needs it
 
     name = cfg.get("tokenizer_class")
     if isinstance(name, str) and re.fullmatch(r"[A-Za-z_]\w*", name) and hasattr(transformers, name):
@@ -405,7 +405,7 @@ def check_gguf(path: str | os.PathLike[str]) -> dict[str, Any]:
     Returns {"metadata": scalar values and strings by key (arrays as their length),
     "array_types": item types of arrays, "tensors": {name: (dims, type name, offset, bytes)}}.
     """
-    import gguf
+    import gguf  # lazy: gguf-py only where a GGUF is checked
 
     path = Path(path)
     size = _size_of(path)

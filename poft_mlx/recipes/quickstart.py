@@ -18,7 +18,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..config import Config, load_config
+from ..data.builtin import split_gsm8k
+from ..evaluation.answers import run_generation_eval
+from ..evaluation.plot import plot_if_possible
 from ..rundir import RunDir
+from ..scoring.run import run_score
+from ..training.run import run_train
 
 QUICKSTART_CONFIG = Path(__file__).parent / "quickstart.yaml"
 SIZES = {"train": 32, "valid": 8, "test": 12}
@@ -37,12 +42,6 @@ def _fresh(out: Path) -> Path:
 
 def run_quickstart(out: str | Path = "runs/quickstart", overrides: list[str] = (), sizes: dict | None = None,
                    noise: float = NOISE, generate: dict | None = None) -> dict:
-    from ..data.builtin import split_gsm8k
-    from ..evaluation.answers import run_generation_eval
-    from ..scoring.run import run_score
-    from ..training.run import run_train
-    from ..evaluation.plot import plot_if_possible
-
     t0 = time.perf_counter()
     out = _fresh(Path(out))
     say = lambda m: print(f"[quickstart {time.perf_counter() - t0:5.0f}s] {m}", file=sys.stderr, flush=True)  # noqa: E731

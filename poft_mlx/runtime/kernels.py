@@ -139,7 +139,7 @@ def attention(q, k, v, *, scale: float, mask=None, block: int = 64):
 
 def sdpa(queries, keys, values, cache, scale: float, mask, sinks=None):
     """mlx_lm.models.base.scaled_dot_product_attention for float32 training and scoring on the CPU."""
-    from mlx_lm.models import base
+    from mlx_lm.models import base  # lazy: mlx-lm's import is slow
 
     plain = cache is None and sinks is None and queries.dtype == mx.float32 and (
         mask is None or (isinstance(mask, str) and mask == "causal" and queries.shape[2] == keys.shape[2]))

@@ -73,7 +73,7 @@ def holder() -> dict:
 
 def _flock(fd: int, run_dir: Path) -> bool:
     """True when the flock is ours; RunLocked when another process holds it; False without flock."""
-    import fcntl
+    import fcntl  # lazy: POSIX only
 
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

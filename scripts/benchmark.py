@@ -35,7 +35,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import poft_mlx  # noqa: F401  (loads the optimised BLAS before mlx)
@@ -46,10 +45,10 @@ import numpy as np
 from poft_mlx.models import modeling
 from poft_mlx.config import AdapterConfig, AlignedModel, Config, ScoreConfig, TrainConfig
 from poft_mlx.data.records import DataError, Sample, parse_record
-from poft_mlx.training.objectives import poft_loss, sft_loss
+from poft_mlx.training.objectives import Poft, Sft, sft_loss
 from poft_mlx.models.flops import FlopCount, matmul_peak
 from poft_mlx.data.render import Renderer, fit_length
-from poft_mlx.training.loop import Dataset
+from poft_mlx.training.batches import EncodedData
 
 from benchmark_report import render, targets
 
@@ -169,8 +168,8 @@ def lora_params(args) -> dict:
 
 
 @dataclass
-class TimedDataset(Dataset):
-    """poft-mlx's Dataset, ticking a clock at each batch it hands out."""
+class TimedDataset(EncodedData):
+    """poft-mlx's EncodedData, ticking a clock at each batch it hands out."""
 
     clock: Clock = None
 
@@ -179,23 +178,12 @@ class TimedDataset(Dataset):
         return super().batch(index, rank, world)
 
 
-@contextlib.contextmanager
-def batch_order(perm):
-    """Make poft-mlx's trainer visit mlx-lm's batches (consecutive runs of the length-sorted
-    samples) in `perm` order (the one mlx-lm will use)."""
-    import poft_mlx.training.loop as trainer
-
-    def sorted_groups(lengths, size, seed, epoch):
-        order = np.argsort(lengths, kind="stable")
-        return [order[i:i + size] for i in range(0, len(order), size)]
-
-    saved = trainer.epoch_order, trainer.epoch_groups
-    trainer.epoch_order = lambda n, seed, epoch: perm
-    trainer.epoch_groups = sorted_groups
-    try:
-        yield
-    finally:
-        trainer.epoch_order, trainer.epoch_groups = saved
+def batch_order(lengths, size: int, perm):
+    """A training schedule (train(schedule=...)) that visits mlx-lm's batches (consecutive
+    runs of the length-sorted samples) in `perm` order (the one mlx-lm will use), every epoch."""
+    order = np.argsort(lengths, kind="stable")
+    groups = [order[i:i + size] for i in range(0, len(order), size)]
+    return lambda epoch: [groups[i] for i in perm]
 
 
 @contextlib.contextmanager
@@ -224,15 +212,16 @@ def run_poft(objective, path, data, perm, args, *, reference=None, kernels=True)
     total = args.warmup + args.steps + 1
     tc = TrainConfig(iters=total, batch_size=args.batch_size, learning_rate=1e-5, lr_schedule="constant",
                      steps_per_report=10**9, steps_per_eval=10**9, steps_per_save=10**9, keep_last=1)
-    objective_fn = partial(poft_loss if objective == "poft" else sft_loss, beta=1.0, gamma=0.0)
+    objective_fn = Poft() if objective == "poft" else Sft()
     clock = Clock()
     timed = TimedDataset(data.samples, data.encodings, data.r_ref, clock)
     optimizer = build_optimizer(tc, total)
     release()
     mx.reset_peak_memory()
-    with tempfile.TemporaryDirectory() as run_dir, batch_order(perm), quiet(not args.verbose), cpu_kernels(kernels):
-        train(loaded.model, optimizer, timed, None, objective_fn, args=tc, objective=objective, run_dir=Path(run_dir),
-              adapter_config=adapter_config, reference=reference, log=lambda *a: None)
+    schedule = batch_order(timed.lengths(), tc.batch_size, perm)
+    with tempfile.TemporaryDirectory() as run_dir, quiet(not args.verbose), cpu_kernels(kernels):
+        train(loaded.model, optimizer, timed, None, objective_fn, args=tc, run_dir=Path(run_dir),
+              adapter_config=adapter_config, reference=reference, log=lambda *a: None, schedule=schedule)
     peak = mx.get_peak_memory()
     del loaded, optimizer
     release()
@@ -323,7 +312,7 @@ def section_train(args, path, renderer, samples, peaks, report, *, long: bool = 
             score_samples(aligned, handle.renderer, train_samples, handle.cache, batch_size=8)
             del aligned
             release()
-            data = Dataset(train_samples, encs, lookup(handle.cache, train_samples)[0].astype(np.float32))
+            data = EncodedData(train_samples, encs, lookup(handle.cache, train_samples)[0].astype(np.float32))
             runs["poft-mlx PoFT (cached r_ref)"] = lambda: run_poft("poft", path, data, perm, args)
             if not long:
                 runs["poft-mlx SFT"] = lambda: run_poft("sft", path, data, perm, args)
@@ -336,7 +325,7 @@ def section_train(args, path, renderer, samples, peaks, report, *, long: bool = 
         if "memory" in args.sections and not long:
             def resident():
                 reference = ResidentReference(cfg)
-                nan = Dataset(train_samples, encs, np.full(len(encs), np.nan, np.float32))
+                nan = EncodedData(train_samples, encs, np.full(len(encs), np.nan, np.float32))
                 return run_poft("poft", path, nan, perm, args, reference=reference)
             runs["poft-mlx PoFT (resident r_ref)"] = resident
         # Rounds in alternating order, so that a drifting machine load favours no contender.

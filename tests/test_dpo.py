@@ -14,8 +14,10 @@ from mlx_lm.tuner.utils import load_adapters
 from poft_mlx.models import modeling
 from poft_mlx.cli.main import main
 from poft_mlx.config import AdapterConfig, load_config
-from poft_mlx.training.dpo import dpo_objective, load_policy, prepare_pairs, reference_logprobs
-from poft_mlx.training.pipeline import target_renderer
+from poft_mlx.models.adapters import load_policy
+from poft_mlx.training.dpo import prepare_pairs, reference_logprobs
+from poft_mlx.training.objectives import Dpo
+from poft_mlx.data.prepare import target_renderer
 from tiny import matmul_tol, write_jsonl
 
 LOG2 = math.log(2.0)
@@ -72,7 +74,7 @@ def test_dpo_objective_on_a_tiny_model_matches_the_formula(tmp_path, tiny_models
 
     batch = data.batch(np.arange(len(data)))
     lp, n = modeling.batch_logprobs(model, batch)
-    loss, m = dpo_objective(lp, n, batch.r_ref, beta=beta)
+    loss, m = Dpo(beta=beta)(lp, n, batch.r_ref, norm=None)
     assert loss.item() == pytest.approx(float(np.mean(np.log1p(np.exp(-h)))), rel=1e-4)
     assert m["reward_acc_sum"].item() == float((h > 0).sum())
     assert m["margin_sum"].item() == pytest.approx(float((h / beta).sum()), rel=1e-3, abs=1e-4)

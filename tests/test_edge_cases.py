@@ -47,12 +47,12 @@ def _dataset(lengths, r_ref=None):
 
     from poft_mlx.data.records import Sample
     from poft_mlx.data.render import Encoded
-    from poft_mlx.training.loop import Dataset
+    from poft_mlx.training.batches import EncodedData
 
     encs = [Encoded(np.arange(n, dtype=np.int32) % 7, np.arange(n) > 0) for n in lengths]
     samples = [Sample([{"role": "assistant", "content": str(i)}], f"f:{i + 1}") for i in range(len(lengths))]
     r = np.zeros(len(lengths), np.float32) if r_ref is None else r_ref
-    return Dataset(samples, encs, r)
+    return EncodedData(samples, encs, r)
 
 
 class _Model:
@@ -68,8 +68,9 @@ class _Model:
 def test_val_batches_takes_a_seeded_sample_not_the_shortest(monkeypatch):
     import numpy as np
 
-    from poft_mlx.training import loop as trainer
-    from poft_mlx.training.objectives import sft_loss
+    from poft_mlx.models import modeling
+    from poft_mlx.training.loop import evaluate
+    from poft_mlx.training.objectives import Sft
 
     lengths = np.array([2 + (7 * i) % 40 for i in range(40)])  # 40 distinct lengths, in no order
     data = _dataset(lengths)
@@ -79,11 +80,11 @@ def test_val_batches_takes_a_seeded_sample_not_the_shortest(monkeypatch):
         seen.append(batch.index.tolist())
         return -batch.n_tok, batch.n_tok
 
-    monkeypatch.setattr(trainer, "batch_logprobs", fake_logprobs)
+    monkeypatch.setattr(modeling, "batch_logprobs", fake_logprobs)
 
     def evaluated(max_batches, seed=0):
         seen.clear()
-        trainer.evaluate(_Model(), data, sft_loss, "sft", batch_size=4, max_batches=max_batches, seed=seed)
+        evaluate(_Model(), data, Sft(), batch_size=4, max_batches=max_batches, seed=seed)
         return [i for b in seen for i in b]
 
     picked = evaluated(2)
@@ -149,7 +150,7 @@ def test_a_template_that_is_not_prefix_consistent_is_a_clear_error(chatml_tok):
 def test_a_conversation_cut_in_a_later_prompt_keeps_its_earlier_replies(chatml_tok, tmp_path):
     from poft_mlx.config import Config
     from poft_mlx.data.records import Sample
-    from poft_mlx.training.pipeline import prepare
+    from poft_mlx.data.prepare import prepare
     from poft_mlx.data.render import Renderer
     from tiny import write_jsonl
 
@@ -179,7 +180,7 @@ def test_a_conversation_cut_in_a_later_prompt_keeps_its_earlier_replies(chatml_t
 def test_each_epoch_draws_new_length_bucketed_groups():
     import numpy as np
 
-    from poft_mlx.training.loop import epoch_groups, length_buckets
+    from poft_mlx.training.batches import epoch_groups, length_buckets
 
     lengths = np.random.default_rng(0).integers(5, 400, 200)
     sorted_groups = np.argsort(lengths).reshape(25, 8)
@@ -199,25 +200,21 @@ def test_each_epoch_draws_new_length_bucketed_groups():
     assert {frozenset(g.tolist()) for g in epoch_groups(lengths, 8, seed=4, epoch=0)} != {frozenset(g.tolist()) for g in a}
 
 
-def test_training_epochs_do_not_repeat_the_same_groups(tmp_path, tiny_models, monkeypatch):
-    from click.testing import CliRunner
-
-    from poft_mlx.training import loop as trainer
-    from poft_mlx.cli.main import main
+def test_training_epochs_do_not_repeat_the_same_groups(tmp_path, tiny_models):
+    from poft_mlx.config import load_config
+    from poft_mlx.training.loop import Callback
+    from poft_mlx.training.run import run_train
     from tiny import write_tiny_config
 
     cfg = write_tiny_config(tmp_path, tiny_models, aligned=[], objective="sft", adapter={"rank": 2},
                             train={"epochs": 2, "batch_size": 4, "steps_per_eval": 1000, "steps_per_save": 1000})
-    seen, real_batch = [], trainer.Dataset.batch
+    seen = []
 
-    def batch(self, index, *args, **kwargs):
-        seen.append(frozenset(int(i) for i in index))
-        return real_batch(self, index, *args, **kwargs)
+    class Batches(Callback):
+        def on_batch(self, loop, batch):
+            seen.append(frozenset(int(i) for i in batch.index))
 
-    monkeypatch.setattr(trainer.Dataset, "batch", batch)
-    r = CliRunner().invoke(main, ["train", "-c", str(cfg), "--set", f"run_dir={tmp_path / 'run'}",
-                                  "--set", "data.valid=null"], catch_exceptions=False)
-    assert r.exit_code == 0, r.output
+    run_train(load_config([cfg], [f"run_dir={tmp_path / 'run'}", "data.valid=null"]), callbacks=[Batches()])
     assert len(seen) == 12  # 24 samples, groups of 4, two epochs
     first, second = seen[:6], seen[6:]
     assert set().union(*first) == set().union(*second) == set(range(24))
@@ -229,7 +226,8 @@ def test_an_epoch_has_as_many_steps_on_two_ranks_as_on_one(n, batch_size, accum)
     import numpy as np
 
     from poft_mlx.config import TrainConfig
-    from poft_mlx.training.loop import epoch_groups, planned_steps, shares, steps_per_epoch
+    from poft_mlx.training.batches import epoch_groups, shares
+    from poft_mlx.training.plan import plan
 
     lengths = np.arange(n) * 3 + 10
     args = TrainConfig(epochs=2, batch_size=batch_size, grad_accumulation_steps=accum)
@@ -242,8 +240,8 @@ def test_an_epoch_has_as_many_steps_on_two_ranks_as_on_one(n, batch_size, accum)
             assert sorted(np.concatenate(per_rank).tolist()) == sorted(g.tolist())  # each row once
             taken += np.concatenate(per_rank).tolist()
         assert sorted(taken) == list(range(n))  # the last, partial group is trained on too
-        steps[world] = (len(groups), planned_steps(args, n))
-    assert steps[1] == steps[2] == (steps_per_epoch(n, batch_size, accum), 2 * -(-n // (batch_size * accum)))
+        steps[world] = (len(groups), plan(args, n).total_steps)
+    assert steps[1] == steps[2] == (plan(args, n).steps_per_epoch, 2 * -(-n // (batch_size * accum)))
 
 
 def test_a_last_group_smaller_than_the_accumulation_is_a_step_with_the_same_update(tmp_path, tiny_models):

@@ -17,9 +17,11 @@ hostile YAML fuzzer having only its 8 texts).
 """
 
 import collections
+import dataclasses
 import json
 import os
 import re
+import typing
 
 import pytest
 import yaml
@@ -28,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from poft_mlx.cli.main import main
-from poft_mlx.config import ConfigError, load_config
+from poft_mlx.config import Config, ConfigError, load_config
 from poft_mlx.data.records import ROLES, DataError, read_jsonl
 
 _DEEP = int(os.environ.get("POFT_FUZZ_EXAMPLES", 0))
@@ -211,13 +213,10 @@ def test_data_errors_name_the_line_of_invalid_utf8_and_hostile_json(tmp_path):
 
 # ---------------------------------------------------------------------------- load_config
 
-SECTIONS = {"data": ["train", "valid", "span", "max_seq_length", "overlength", "template_kwargs"],
-            "adapter": ["type", "rank", "alpha", "scale", "dropout", "num_layers", "keys"],
-            "train": ["optimizer", "learning_rate", "lr_schedule", "warmup_steps", "epochs", "iters", "batch_size",
-                      "grad_checkpoint", "max_grad_norm", "keep_last", "nan_policy", "seed"],
-            "score": ["batch_size", "max_seq_length", "cache_dir", "on_missing"],
-            "system": ["dtype", "memory_limit_gb", "cache_limit_gb", "clear_cache_threshold_gb"]}
-TOP = ["model", "chat_template", "objective", "beta", "gamma", "aligned", "reference_mode", "trust_remote_code", "run_dir"]
+# Every key a config can hold, derived from the dataclasses: a field added later is fuzzed too.
+_HINTS = typing.get_type_hints(Config)
+SECTIONS = {name: [f.name for f in dataclasses.fields(tp)] for name, tp in _HINTS.items() if dataclasses.is_dataclass(tp)}
+TOP = [f.name for f in dataclasses.fields(Config) if f.name not in SECTIONS]
 # Values as YAML writes them, including what PyYAML reads in surprising ways.
 yaml_values = st.one_of(json_values, st.integers(min_value=10**20), st.sampled_from(
     [".inf", "-.inf", ".nan", "1e999", "1e-5", "yes", "off", "~", "2024-01-01", "0x1F", "1_000", "!!binary aGk=", "[", "{a: 1"]))

@@ -7,7 +7,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from poft_mlx.training.objectives import MetricMeter, dpo_loss, poft_loss, sft_loss
+from poft_mlx.training.objectives import MetricMeter, Poft, dpo_loss, poft_loss, sft_loss
 from tiny import matmul_tol
 
 
@@ -106,10 +106,10 @@ def test_dpo_gradient_pushes_chosen_up_and_rejected_down():
 
 
 def test_metric_meter_reduces_exactly():
-    meter = MetricMeter()
+    meter = MetricMeter(Poft.reductions)
     for lp, n, r in [([-2.0], [2.0], [-1.5]), ([-6.0], [3.0], [-1.0])]:
         meter.add(poft_loss(mx.array(lp), mx.array(n), mx.array(r))[1])
-    s = meter.summary()
+    s = Poft().summary(meter.sums)
     assert s["ce"] == pytest.approx(8 / 5)
     assert s["win_rate"] == pytest.approx(0.5)
     assert s["tau_min"] == pytest.approx(_sig(-0.5), rel=1e-6)

@@ -47,7 +47,7 @@ def _r_ref(tmp):
     from mlx_lm.utils import load_tokenizer
 
     from poft_mlx.models.modeling import resolve
-    from poft_mlx.training.pipeline import prepare, target_renderer
+    from poft_mlx.data.prepare import prepare, target_renderer
     prep = prepare(cfg.data.train, target_renderer(load_tokenizer(resolve(cfg.model)), cfg), cfg)
     r_ref, per_model = reference_scores([open_aligned(cfg, a) for a in cfg.aligned], prep.samples)
     return prep.samples, r_ref, per_model

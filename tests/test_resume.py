@@ -29,7 +29,7 @@ from click.testing import CliRunner
 
 from poft_mlx.training import checkpoint as ckpt
 from poft_mlx.runtime import device
-from poft_mlx.training import loop as trainer
+from poft_mlx.training.loop import Callback
 from poft_mlx.cli.main import main
 from tiny import gsm_like, write_jsonl, write_tiny_config
 
@@ -232,32 +232,30 @@ def test_a_signal_saves_prints_the_resume_hint_and_exits_130(env, sig):
     assert_same_run(run, env.ref)
 
 
-def at_step(monkeypatch, k: int, *, sigint: bool = False, nan: bool = False) -> None:
-    """Test-only injection into training step k (1-based) of the runs that follow, known
-    because trainer.epoch_order runs once a step: raise SIGINT as the step starts, or
-    make the aligned scores of its batch NaN (a NaN in the data)."""
-    now, current = itertools.count(1), [0]
-    real_order, real_batch = trainer.epoch_order, trainer.Dataset.batch
+class AtStep(Callback):
+    """Test-only injection into training step k (1-based): raise SIGINT as the step starts
+    (inside train(), where SIGINT sets a flag; elsewhere it would stop pytest), or make the
+    aligned scores of its batches NaN (a NaN in the data)."""
 
-    def epoch_order(*args):
-        current[0] = next(now)
-        if sigint and current[0] == k:
-            # Only inside train(), where SIGINT sets a flag; elsewhere it would stop pytest.
+    def __init__(self, k: int, *, sigint: bool = False, nan: bool = False):
+        self.k, self.sigint, self.nan, self.current = k, sigint, nan, 0
+
+    def on_step_begin(self, loop, step):
+        self.current = step
+        if self.sigint and step == self.k:
             assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
             signal.raise_signal(signal.SIGINT)
-        return real_order(*args)
 
-    def batch(self, *args, **kwargs):
-        b = real_batch(self, *args, **kwargs)
-        if nan and current[0] == k:
-            b.r_ref = b.r_ref * float("nan")
-        return b
-
-    monkeypatch.setattr(trainer, "epoch_order", epoch_order)
-    monkeypatch.setattr(trainer.Dataset, "batch", batch)
+    def on_batch(self, loop, batch):
+        if self.nan and self.current == self.k:
+            batch.r_ref = batch.r_ref * float("nan")
 
 
-def test_a_stop_at_an_evaluation_step_inside_a_report_window(env, monkeypatch):
+def invoke_with(callback, *args):
+    return CliRunner().invoke(main, [str(a) for a in args], obj={"callbacks": [callback]})
+
+
+def test_a_stop_at_an_evaluation_step_inside_a_report_window(env):
     """Stopped after step 4, which is evaluated (every 2 steps) and in the middle of a
     report window (every 3): the resumed run still logs step 4's validation and the
     means over steps 4-6, not over 5-6."""
@@ -265,8 +263,7 @@ def test_a_stop_at_an_evaluation_step_inside_a_report_window(env, monkeypatch):
               "--set", "train.steps_per_eval=2"]
     assert invoke("train", *common, "--set", f"run_dir={env.root / 'window-ref'}").exit_code == 0
     run = env.root / "window"
-    at_step(monkeypatch, 4, sigint=True)
-    r = invoke("train", *common, "--set", f"run_dir={run}")
+    r = invoke_with(AtStep(4, sigint=True), "train", *common, "--set", f"run_dir={run}")
     assert r.exit_code == 130 and "resume with" in r.output and "at step 4;" in r.output, r.output
     r = invoke("train", "--resume", run)
     assert r.exit_code == 0 and "at step 4/6" in r.output, r.output
@@ -283,18 +280,16 @@ def test_a_stop_at_an_evaluation_step_inside_a_report_window(env, monkeypatch):
 NAN_RUN = ["--set", "data.valid=null", "--set", "train.iters=6", "--set", "train.keep_last=10"]
 
 
-def test_nan_stop_names_the_step_and_keeps_the_last_checkpoint(env, monkeypatch):
+def test_nan_stop_names_the_step_and_keeps_the_last_checkpoint(env):
     run = env.root / "nan-stop"
-    saved, real_save = {}, ckpt.save_checkpoint
+    saved = {}
 
-    def recording_save(*args, **kwargs):
-        path = real_save(*args, **kwargs)
-        saved[path.name] = digest(path)
-        return path
+    class NanRecordingSaves(AtStep):
+        def on_save(self, loop, path):
+            saved[path.name] = digest(path)
 
-    monkeypatch.setattr(ckpt, "save_checkpoint", recording_save)
-    at_step(monkeypatch, 5, nan=True)
-    r = invoke("train", "-c", env.cfg, "--set", f"run_dir={run}", *NAN_RUN, "--set", "train.steps_per_save=2")
+    r = invoke_with(NanRecordingSaves(5, nan=True), "train", "-c", env.cfg, "--set", f"run_dir={run}", *NAN_RUN,
+                    "--set", "train.steps_per_save=2")
     assert r.exit_code == 1, r.output
     assert "non-finite loss" in r.output and "at step 5" in r.output and "nan_policy=skip" in r.output
     assert "Traceback" not in r.output
@@ -313,10 +308,9 @@ def test_nan_stop_names_the_step_and_keeps_the_last_checkpoint(env, monkeypatch)
     assert [x["step"] for x in split(read_metrics(run), "train")] == [1, 2, 3, 4, 5, 6]
 
 
-def test_nan_skip_skips_the_batch_logs_it_and_finishes(env, monkeypatch):
+def test_nan_skip_skips_the_batch_logs_it_and_finishes(env):
     run = env.root / "nan-skip"
-    at_step(monkeypatch, 3, nan=True)
-    r = invoke("train", "-c", env.cfg, "--set", f"run_dir={run}", *NAN_RUN, "--set", "train.nan_policy=skip")
+    r = invoke_with(AtStep(3, nan=True), "train", "-c", env.cfg, "--set", f"run_dir={run}", *NAN_RUN, "--set", "train.nan_policy=skip")
     assert r.exit_code == 0, r.output
     assert "step 3: non-finite loss or gradient, batch skipped" in r.output
     train = {x["step"]: x for x in split(read_metrics(run), "train")}  # strict JSON: no NaN logged
@@ -445,7 +439,7 @@ def test_two_processes_scoring_into_one_cache_leave_it_valid(env, tmp_path):
 
 def test_keep_last_best_adapters_and_early_stopping(env):
     from poft_mlx.config import load_config
-    from poft_mlx.training.pipeline import run_eval
+    from poft_mlx.evaluation.likelihood import run_eval
 
     run, iters, patience, keep = env.root / "early", 16, 2, 3
     # Plain SGD at a high rate: the validation loss improves, then bounces.

@@ -64,11 +64,20 @@ def test_score_then_train_then_eval(setup):
     assert table[str(sft_run)]["ce"] < table["base"]["ce"]
     assert table[str(poft_run)]["ce"] < table["base"]["ce"]
     assert "win_rate" in r.output and "tau_mean" in r.output
-    # The adapters load in mlx-lm as they are.
+    # The adapters load in mlx-lm as they are, and mlx-lm's model with them computes what ours does.
     from mlx_lm.utils import load
-    model, _ = load(str(json.loads((poft_run / "adapters" / "adapter_config.json").read_text())["model"]),
-                    adapter_path=str(poft_run / "adapters"))
-    assert model is not None
+
+    from poft_mlx.models.adapters import load_policy
+    from poft_mlx.config import load_config
+
+    base_path = json.loads((poft_run / "adapters" / "adapter_config.json").read_text())["model"]
+    theirs, _ = load(str(base_path), adapter_path=str(poft_run / "adapters"))
+    stock, _ = load(str(base_path))
+    ours = load_policy(load_config([cfg]), str(poft_run / "adapters")).model
+    x = mx.array([[1, 5, 9, 14, 3, 7, 2, 11]])
+    lt, ls, lo = (np.array(m(x).astype(mx.float32)) for m in (theirs, stock, ours))
+    np.testing.assert_allclose(lo, lt, rtol=matmul_tol(1e-5), atol=matmul_tol(1e-5))
+    assert np.abs(lt - ls).max() > 1e-3  # the adapters changed the model
 
 
 def test_cached_and_resident_modes_give_the_same_losses(setup):

@@ -18,14 +18,17 @@ was trained to.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
 import mlx.core as mx
 
-from . import modeling
+from ..config import load_config, read_yaml
 from ..data.render import Renderer
+from ..rundir import RunDir
+from . import modeling
+from .adapters import load_policy
 
 
 @dataclass
@@ -54,8 +57,7 @@ class Reply:
 
 
 def is_run_dir(path: str | Path) -> bool:
-    p = Path(path)
-    return (p / "config.yaml").is_file() and (p / "adapters" / "adapter_config.json").is_file()
+    return RunDir(path).is_run()
 
 
 def open_generator(source: str, *, chat_template: str | None = None, dtype: str = "auto",
@@ -67,12 +69,10 @@ def open_generator(source: str, *, chat_template: str | None = None, dtype: str 
     tokenizer's. adapter_path applies adapters to a base `source`; cfg (a Config) supplies the
     run's settings when the caller already holds them (eval).
     """
-    from ..config import load_config, read_yaml
-    from ..training.dpo import load_policy
-
     if cfg is None and is_run_dir(source):
-        cfg = load_config(base=read_yaml(Path(source) / "config.yaml"))
-        adapter_path = str(Path(source) / "adapters")
+        run = RunDir(source)
+        cfg = load_config(base=read_yaml(run.config))
+        adapter_path = str(run.adapters)
     if cfg is not None:
         if dtype != "auto":
             cfg = _with_dtype(cfg, dtype)
@@ -83,7 +83,7 @@ def open_generator(source: str, *, chat_template: str | None = None, dtype: str 
     else:
         loaded = modeling.load(source, dtype=dtype)
         if adapter_path:
-            from mlx_lm.tuner.utils import load_adapters
+            from mlx_lm.tuner.utils import load_adapters  # lazy: mlx-lm's import is slow
 
             load_adapters(loaded.model, adapter_path)
         template = chat_template
@@ -98,8 +98,6 @@ def open_generator(source: str, *, chat_template: str | None = None, dtype: str 
 
 
 def _with_dtype(cfg, dtype: str):
-    from dataclasses import replace
-
     return replace(cfg, system=replace(cfg.system, dtype=dtype))
 
 
@@ -144,7 +142,7 @@ def generate_tokens(model, tokenizer, prompts: list[list[int]], stop_ids: Iterab
     """Replies to token prompts. stop_strings[i] (optional) ends prompt i's reply at the first
     occurrence of any of its strings in the decoded text; the reply's text is cut there (its
     tokens are those generated up to and including the one that completed the string)."""
-    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.generate import BatchGenerator  # lazy: mlx-lm's import is slow
     from mlx_lm.sample_utils import make_sampler
 
     if not prompts:

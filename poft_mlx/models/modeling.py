@@ -22,8 +22,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlx.utils import tree_flatten
+
 from ..runtime import device
 from ..runtime import kernels
+from .refs import resolve_model
 
 LOGITS_BUDGET_BYTES = 256 * 2**20  # float32 [positions, vocab] transients held at once per chunk
 POSITION_BUCKET = 64
@@ -98,7 +101,6 @@ def use_dequantized_matmuls(model: nn.Module) -> int:
 
 def resolve(ref: str) -> Path:
     """A local model folder for any model reference (folder, .gguf, pypi:NAME, Hub id)."""
-    from .refs import resolve_model
 
     return resolve_model(ref)
 
@@ -113,7 +115,7 @@ class Loaded:
 
 def load(ref: str, *, dtype: str = "auto", trust_remote_code: bool = False) -> Loaded:
     """Load a model for poft-mlx: float32 compute on CPU, the model's dtype elsewhere."""
-    from mlx_lm.utils import load as mlx_load
+    from mlx_lm.utils import load as mlx_load  # lazy: mlx-lm's import is slow
 
     path = resolve(ref)
     model, tokenizer, config = mlx_load(str(path), return_config=True, trust_remote_code=trust_remote_code)
@@ -126,8 +128,6 @@ def load(ref: str, *, dtype: str = "auto", trust_remote_code: bool = False) -> L
 
 
 def _float_dtype(model: nn.Module) -> mx.Dtype:
-    from mlx.utils import tree_flatten
-
     for _, v in tree_flatten(model.parameters()):
         if mx.issubdtype(v.dtype, mx.floating):
             return v.dtype
@@ -142,7 +142,7 @@ def apply_adapters(model: nn.Module, adapter) -> dict:
 
     Returns the adapter_config fields mlx-lm needs to load the adapters again.
     """
-    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.tuner.utils import linear_to_lora_layers  # lazy: mlx-lm's import is slow
 
     n_blocks = len(model.layers)
     num_layers = n_blocks if adapter.num_layers < 0 else min(adapter.num_layers, n_blocks)
@@ -368,8 +368,6 @@ def _expanded_once(head, budget: int):
 
 
 def _head_frozen(layer) -> bool:
-    from mlx.utils import tree_flatten
-
     module = getattr(layer, "__self__", layer)  # the embedding, for a tied head's bound as_linear
     return not tree_flatten(module.trainable_parameters())
 
@@ -408,6 +406,26 @@ def batch_logprobs(model: nn.Module, batch: Batch, *, budget: int = LOGITS_BUDGE
     lp = lp * batch.valid
     onehot = (batch.row[None, :] == mx.arange(B)[:, None]).astype(mx.float32) * batch.valid[None, :]
     return onehot @ lp, batch.n_tok
+
+
+def sequence_logprobs(model: nn.Module, batches):
+    """(batch, lp_sum, n_tok) for every batch of `batches`, the model in eval mode (dropout off):
+    the one loop behind every scorer (aligned-model scores, DPO's reference, report's r_theta,
+    validation). lp_sum and n_tok are numpy float32 [B], as batch_logprobs computes them.
+
+    A generator: each batch is computed when it is asked for, so a caller can store, reduce or
+    meet other ranks between batches. The model's mode is restored when it is exhausted or closed.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            lp, n = batch_logprobs(model, batch)
+            mx.eval(lp, n)
+            yield batch, np.array(lp), np.array(n)
+    finally:
+        if was_training:
+            model.train()
 
 
 def _vocab_size(model: nn.Module) -> int:

@@ -33,6 +33,3 @@ def set_memory_limits(memory_limit_gb: float | None, cache_limit_gb: float | Non
     if cache_limit_gb is not None and cache_limit_gb >= 0:
         mx.set_cache_limit(int(cache_limit_gb * 1e9))
 
-
-def peak_memory_gb() -> float:
-    return mx.get_peak_memory() / 1e9

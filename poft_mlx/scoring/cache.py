@@ -20,9 +20,13 @@ import uuid
 import zlib
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 
+from ..models.modeling import make_batch, sequence_logprobs
 from ..runtime import diskspace
+from ..runtime import distributed as dist
+from ..runtime.device import backend
 
 SCORE_FORMAT = 1
 
@@ -38,8 +42,6 @@ def score_dtype(requested: str) -> str:
     a cache. 'auto' off the CPU computes in the model's own dtype, which the model identity
     (its weights) already pins.
     """
-    from ..runtime.device import backend
-
     if requested != "auto":
         return requested
     return "float32" if backend() == "cpu" else "model"
@@ -164,11 +166,6 @@ def score_samples(loaded, renderer, samples, cache: ScoreCache, *, batch_size: i
     scores are all-summed so that every rank's cache gets them all, whether or not the
     ranks share a file system.
     """
-    import mlx.core as mx
-
-    from ..runtime import distributed as dist
-    from ..models.modeling import batch_logprobs, make_batch
-
     todo, too_long = [], []
     seen = set()
     for i in missing_indices(cache, samples, group):
@@ -183,18 +180,16 @@ def score_samples(loaded, renderer, samples, cache: ScoreCache, *, batch_size: i
         todo.append((len(enc.tokens), s.uid, enc))
     todo.sort(key=lambda t: t[0])
     world, rank = (group.size(), group.rank()) if group is not None else (1, 0)
-    model = loaded.model
-    model.eval()
     scores = np.zeros((len(todo), 2), np.float64)  # (lp_sum, n_tok) of the rows this rank scored
     n_batches, done_tokens = -(-len(todo) // batch_size), 0
-    for first in range(0, n_batches, world):  # a round: batch first + r on rank r
-        i = (first + rank) * batch_size
-        chunk = todo[i:i + batch_size]
+    rounds = range(0, n_batches, world)  # a round: batch first + r on rank r
+    mine = [todo[(first + rank) * batch_size:(first + rank + 1) * batch_size] for first in rounds]
+    batches = (make_batch([c[2] for c in chunk], range(len(chunk))) for chunk in mine if chunk)
+    results = sequence_logprobs(loaded.model, batches)
+    for first, chunk in zip(rounds, mine):
         if chunk:
-            batch = make_batch([c[2] for c in chunk], range(len(chunk)))
-            lp, n = batch_logprobs(model, batch)
-            mx.eval(lp)
-            lp, n = np.array(lp), np.array(n)
+            i = (first + rank) * batch_size
+            _, lp, n = next(results)
             cache.put([(c[1], float(lp[j]), int(n[j])) for j, c in enumerate(chunk)])
             scores[i:i + len(chunk)] = np.stack([lp, n], axis=1)
         done = np.array([len(chunk), sum(c[0] for c in chunk)], np.float64)
@@ -205,6 +200,7 @@ def score_samples(loaded, renderer, samples, cache: ScoreCache, *, batch_size: i
         done_tokens += int(done[1])
         if progress:
             progress(int(done[0]), done_tokens)
+    results.close()
     if world > 1 and todo:
         total = mx.distributed.all_sum(mx.array(scores), group=group, stream=mx.cpu)  # zeros elsewhere: exact
         dist.wait(total, "sharing aligned-model scores")
@@ -219,10 +215,6 @@ def missing_indices(cache: ScoreCache, samples, group=None) -> list[int]:
     """Indices of the samples without a score in `cache`; with a `group`, in any rank's cache."""
     missing = np.array([cache.get(s.uid) is None for s in samples], np.int32)
     if group is not None and group.size() > 1 and len(samples):
-        import mlx.core as mx
-
-        from ..runtime import distributed as dist
-
         total = mx.distributed.all_sum(mx.array(missing), group=group, stream=mx.cpu)
         dist.wait(total, "comparing the ranks' score caches")
         missing = np.array(total)

@@ -11,15 +11,17 @@ import gc
 import sys
 from dataclasses import dataclass
 
+import mlx.core as mx
 import numpy as np
 
 from ..config import AlignedModel, Config
 from ..data.render import Renderer
+from ..errors import MissingScores
+from ..models import modeling
+from ..models.modeling import make_batch, resolve, sequence_logprobs
+from ..models.refs import model_identity
+from ..runtime.progress import Progress
 from .cache import ScoreCache, cache_key, combine, home, lookup, missing_indices, score_dtype, score_samples
-
-
-class MissingScores(RuntimeError):
-    pass
 
 
 @dataclass
@@ -32,10 +34,7 @@ class AlignedHandle:
 
 def open_aligned(cfg: Config, spec: AlignedModel) -> AlignedHandle:
     """Resolve the model and its tokenizer (cheap) and open its score cache."""
-    from mlx_lm.utils import load_tokenizer
-
-    from ..models.modeling import resolve
-    from ..models.refs import model_identity
+    from mlx_lm.utils import load_tokenizer  # lazy: mlx-lm's import is slow
 
     path = resolve(spec.model)
     tok = load_tokenizer(path)
@@ -50,9 +49,6 @@ def open_aligned(cfg: Config, spec: AlignedModel) -> AlignedHandle:
 
 def score_all(cfg: Config, samples, *, group=None, log=print) -> list[AlignedHandle]:
     """Make sure every aligned model has a cached score for every sample (on every rank of `group`)."""
-    from ..models import modeling
-    from ..runtime.progress import Progress
-
     handles = []
     for spec in cfg.aligned:
         h = open_aligned(cfg, spec)
@@ -98,8 +94,6 @@ class ResidentReference:
     """Aligned models kept in memory; scores a batch of samples on demand."""
 
     def __init__(self, cfg: Config):
-        from ..models import modeling
-
         self.models = []
         for spec in cfg.aligned:
             h = open_aligned(cfg, spec)
@@ -108,22 +102,15 @@ class ResidentReference:
             self.models.append((h, loaded))
 
     def __call__(self, samples) -> np.ndarray:
-        import mlx.core as mx
-
-        from ..models.modeling import batch_logprobs, make_batch
-
         scores = []
         for h, loaded in self.models:
             batch = make_batch([h.renderer.encode(s) for s in samples], range(len(samples)))
-            lp, n = batch_logprobs(loaded.model, batch)
-            mx.eval(lp)
-            scores.append(np.array(lp, np.float64) / np.array(n, np.float64))
+            for _, lp, n in sequence_logprobs(loaded.model, [batch]):
+                scores.append(np.array(lp, np.float64) / np.array(n, np.float64))
         return combine(scores, [h.spec.weight for h, _ in self.models])
 
 
 def _release() -> None:
-    import mlx.core as mx
-
     gc.collect()
     mx.clear_cache()
     sys.stdout.flush()

@@ -1,11 +1,4 @@
-"""Run folders and atomic checkpoints.
-
-    RUN_DIR/config.yaml            resolved configuration
-    RUN_DIR/adapters/              latest adapters, mlx-lm layout (mlx_lm.generate --adapter-path)
-    RUN_DIR/best/                  best adapters by validation loss
-    RUN_DIR/checkpoints/step-N/    adapters + optimizer + trainer state (for --resume)
-    RUN_DIR/checkpoints/latest     name of the newest complete checkpoint
-    RUN_DIR/metrics.jsonl          every logged metric, one JSON object per line
+"""Atomic checkpoints and adapter files in a run folder (its layout: rundir.RunDir).
 
 A checkpoint is written into a temporary folder and renamed into place, and `latest`
 is replaced atomically after it: a crash mid-write leaves the previous one intact. A full
@@ -24,10 +17,9 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..errors import DiskFull, ModelMismatch
+from ..rundir import ADAPTER_CONFIG, ADAPTER_FILE, STATE_FILE, RunDir, checkpoint_name
 from ..runtime import diskspace
-
-ADAPTER_FILE = "adapters.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -68,32 +60,33 @@ def save_adapters(model, folder: Path, adapter_config: dict, hint: str = "") -> 
         raise
     try:
         _atomic_write(folder / ADAPTER_CONFIG, json.dumps(adapter_config, indent=2).encode())
-    except diskspace.DiskFull as e:
+    except DiskFull as e:
         raise e.at(folder / ADAPTER_CONFIG, hint) from None
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, adapter_config: dict, state: dict) -> Path:
-    ckpts = run_dir / "checkpoints"
+def save_checkpoint(run_dir, step: int, model, optimizer, adapter_config: dict, state: dict) -> Path:
+    run = RunDir(run_dir)
+    ckpts = run.checkpoints
     ckpts.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:07d}"
+    name = checkpoint_name(step)
     tmp = ckpts / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
     opt = dict(tree_flatten(optimizer.state))
     weights = dict(tree_flatten(model.trainable_parameters()))
     need = diskspace.nbytes(weights) + diskspace.nbytes(opt) + 256 * 1024
-    previous = latest_checkpoint(run_dir)
-    hint = (f"the previous checkpoint {previous} is intact; free space, then `poft-mlx train --resume {run_dir}`"
-            if previous else f"no checkpoint was written; free space and start the run again")
+    previous = latest_checkpoint(run)
+    hint = (f"the previous checkpoint {previous} is intact; free space, then `poft-mlx train --resume {run}`"
+            if previous else "no checkpoint was written; free space and start the run again")
     diskspace.check_space(ckpts, need, hint)  # before writing anything
     try:
         save_adapters(model, tmp, adapter_config, hint)
         with diskspace.writing(tmp, need, hint):
             mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt)
             mx.save_safetensors(str(tmp / "rng.safetensors"), {"state": mx.random.state[0]})
-        _atomic_write(tmp / "state.json", json.dumps(state, indent=1).encode())
+        _atomic_write(tmp / STATE_FILE, json.dumps(state, indent=1).encode())
         _fsync_dir(tmp)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # never left where clean_partial alone would find it
-        if isinstance(e, diskspace.DiskFull):
+        if isinstance(e, DiskFull):
             raise e.at(ckpts / name, hint) from None
         raise
     final = ckpts / name
@@ -101,33 +94,33 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, adapter_config: 
         shutil.rmtree(final)
     os.replace(tmp, final)
     try:
-        _atomic_write(ckpts / "latest", name.encode())
-    except diskspace.DiskFull as e:  # `latest` still names the previous checkpoint, which resume uses
-        raise e.at(ckpts / "latest", hint) from None
+        _atomic_write(run.latest_pointer, name.encode())
+    except DiskFull as e:  # `latest` still names the previous checkpoint, which resume uses
+        raise e.at(run.latest_pointer, hint) from None
     _fsync_dir(ckpts)
     return final
 
 
-def prune(run_dir: Path, keep_last: int) -> None:
-    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
+def prune(run_dir, keep_last: int) -> None:
+    ckpts = sorted(RunDir(run_dir).checkpoints.glob("step-*"))
     for old in ckpts[: max(len(ckpts) - max(keep_last, 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def latest_checkpoint(run_dir) -> Path | None:
     """The newest complete checkpoint (its state.json is written last, before the rename)."""
-    ckpts = run_dir / "checkpoints"
-    pointer = ckpts / "latest"
+    run = RunDir(run_dir)
+    ckpts, pointer = run.checkpoints, run.latest_pointer
     if pointer.exists():
         cand = ckpts / pointer.read_text().strip()
-        if (cand / "state.json").exists():
+        if (cand / STATE_FILE).exists():
             return cand
-    done = [p for p in sorted(ckpts.glob("step-*")) if (p / "state.json").exists()]
+    done = [p for p in sorted(ckpts.glob("step-*")) if (p / STATE_FILE).exists()]
     return done[-1] if done else None
 
 
-def clean_partial(run_dir: Path) -> None:
-    for tmp in (run_dir / "checkpoints").glob(".tmp-*"):
+def clean_partial(run_dir) -> None:
+    for tmp in RunDir(run_dir).checkpoints.glob(".tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -137,12 +130,12 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     params = dict(tree_flatten(model.trainable_parameters()))
     bad = [k for k in weights if k not in params or weights[k].shape != params[k].shape]
     if bad or len(weights) != len(params):
-        raise ValueError(f"checkpoint {path} does not match the model's adapters (e.g. {bad[:3]}); "
+        raise ModelMismatch(f"checkpoint {path} does not match the model's adapters (e.g. {bad[:3]}); "
                          "was the config changed since the run started?")
     model.load_weights(list(weights.items()), strict=False)
     optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
     set_rng_key(mx.load(str(path / "rng.safetensors"))["state"])
-    return json.loads((path / "state.json").read_text())
+    return json.loads((path / STATE_FILE).read_text())
 
 
 def set_rng_key(key: mx.array) -> None:
@@ -153,9 +146,3 @@ def set_rng_key(key: mx.array) -> None:
     """
     hi, lo = (int(x) for x in key.tolist())
     mx.random.seed((hi << 32) | lo)
-
-
-def copy_adapters(src: Path, dst: Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in (ADAPTER_FILE, ADAPTER_CONFIG):
-        _atomic_write(dst / name, (src / name).read_bytes())

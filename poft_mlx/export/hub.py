@@ -34,11 +34,6 @@ CONFIG_COPY = "poft_config.yaml"  # the run's resolved config, local paths cut (
 CHECK_FILE = "poft_fuse_check.json"  # the fused-vs-adapter check report
 _BEGIN = "<!-- poft-mlx:begin (generated; replaced on every push) -->"
 _END = "<!-- poft-mlx:end -->"
-_OBJECTIVES = {
-    "poft": "Preference-Oriented Supervised Fine-Tuning (PoFT, arXiv 2412.12865)",
-    "sft": "supervised fine-tuning (cross-entropy)",
-    "dpo": "Direct Preference Optimization (DPO, arXiv 2305.18290)",
-}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -65,10 +60,10 @@ def collect_provenance(run_dir: str | Path, base: str | Path | None = None) -> d
     fingerprint = (run.fingerprint.read_text().split() or [None])[0] if run.fingerprint.is_file() else None
     adapter = run.adapter_config()
     objective = config.get("objective")
-    # beta/gamma are PoFT's; DPO has its own beta (config dpo.beta); SFT has neither.
-    beta, gamma = (config.get("beta"), config.get("gamma")) if objective == "poft" else (None, None)
-    if objective == "dpo" and isinstance(config.get("dpo"), dict):
-        beta = config["dpo"].get("beta")
+    # Only the settings the objective uses (PoFT: beta, gamma; DPO: its dpo.beta; SFT: none).
+    known = _objective(objective)
+    used = known.hyperparameters(config) if known else {}
+    beta, gamma = used.get("beta"), used.get("gamma")
     # What the user wrote (config.yaml), else what the trainer recorded; adapter "model" is the resolved folder.
     target = config.get("model") or (adapter.get("poft_mlx") or {}).get("target") or adapter.get("model")
     target_ref = portable_ref(str(target)) if target else None
@@ -197,19 +192,27 @@ def _short(ref: dict[str, str] | None) -> str:
     return f"`{ref['ref']}`" if ref and ref["ref"] != "a local model" else "a local model" if ref else "its base model"
 
 
+def _objective(name):
+    """The objective class called `name` (training/objectives/), or None for an unknown name."""
+    from ..training.objectives import REGISTRY  # lazy: loads mlx; keeps push light
+
+    return REGISTRY.get(str(name)) if name else None
+
+
 def _card_body(repo_id: str, kind: str, prov: dict[str, Any], check: dict[str, Any], base_id: str | None,
                ref: dict[str, str] | None) -> str:
     objective = prov.get("objective")
     lines = [f"# {repo_id}", ""]
     what = {"peft": "A PEFT LoRA adapter", "transformers": "A model", "mlx": "An MLX model"}[kind]
-    how = _OBJECTIVES.get(str(objective), f"objective `{objective}`") if objective else "poft-mlx"
+    known = _objective(objective)
+    how = known.description if known else (f"objective `{objective}`" if objective else "poft-mlx")
     lines += [f"{what} fine-tuned from {_describe(ref)} with {how}, trained with poft-mlx on MLX.", ""]
     if not prov:
         lines += ["No poft-mlx provenance was found in the uploaded folder.", ""]
     else:
         lines += ["## How it was made", "", "| | |", "|---|---|", f"| target model | {_describe(ref)} |"]
         aligned = _aligned_refs(prov)
-        if aligned and objective == "poft":  # the models PoFT's loss compares with; other objectives ignore them
+        if aligned and known and known.needs_aligned:  # the models the loss compares with; others ignore them
             lines.append("| aligned models | " + ", ".join(_describe(a) for a in aligned) + " |")
         if objective:
             params = ", ".join(f"{k}={prov[k]}" for k in ("beta", "gamma") if prov.get(k) is not None)

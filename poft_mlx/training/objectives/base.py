@@ -31,6 +31,12 @@ class Objective:
         """The objective with its hyperparameters from a Config."""
         return cls()
 
+    @classmethod
+    def hyperparameters(cls, config: dict) -> dict:
+        """The settings this objective uses, from a run's config as a mapping (config.yaml;
+        the model card states them)."""
+        return {}
+
     def loss(self, lp_sum, n_tok, ref, *, norm):
         raise NotImplementedError
 

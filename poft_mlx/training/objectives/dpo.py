@@ -49,6 +49,11 @@ class Dpo(Objective):
     def from_config(cls, cfg) -> "Dpo":
         return cls(beta=cfg.dpo.beta)
 
+    @classmethod
+    def hyperparameters(cls, config: dict) -> dict:
+        dpo = config.get("dpo")
+        return {"beta": dpo.get("beta") if isinstance(dpo, dict) else None}
+
     def loss(self, lp_sum, n_tok, ref, *, norm):
         """loss = sum over pairs of -log sigmoid(h) / norm (dpo_loss). Metrics add the implicit
         rewards beta * (lp - ref) of each side, the chosen replies' token CE (to see whether DPO

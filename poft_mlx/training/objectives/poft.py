@@ -85,6 +85,10 @@ class Poft(Objective):
     def from_config(cls, cfg) -> "Poft":
         return cls(beta=cfg.beta, gamma=cfg.gamma)
 
+    @classmethod
+    def hyperparameters(cls, config: dict) -> dict:
+        return {"beta": config.get("beta"), "gamma": config.get("gamma")}
+
     def loss(self, lp_sum, n_tok, ref, *, norm):
         return poft_loss(lp_sum, n_tok, ref, beta=self.beta, gamma=self.gamma, norm=norm)
 

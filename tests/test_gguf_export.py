@@ -300,7 +300,8 @@ def test_lora_of_a_gguf_target_applies_to_the_original_file(tmp_path, llama_cpp)
     want = mlx_logits(folder, ids, run / "adapters")
     got = cpp_logits(llama_cpp, original, ids, lora_path=str(export_lora_gguf(run, tmp_path / "l.gguf").path))
     assert np.abs(want - mlx_logits(folder, ids)).max() > 1000 * LORA_TOLERANCE
-    np.testing.assert_allclose(got, want, atol=LORA_TOLERANCE)
+    # this model's logits reach 26 (standard deviation 4): measured up to 1.1e-5, f32 rounding
+    np.testing.assert_allclose(got, want, atol=LORA_TOLERANCE, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -7,4 +7,21 @@ from .runtime.malloc import tune as _tune_malloc
 _preload_blas()
 _tune_malloc()
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
+
+# The Python API (poft_mlx/api.py: configure, score, train, evaluate, compare, generate, fuse, push),
+# imported on first use so that `poft-mlx --help` and `import poft_mlx` stay fast.
+_API = ("Config", "Callback", "configure", "run_config", "score", "train", "evaluate", "compare", "table", "generate",
+        "fuse", "push")
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'poft_mlx' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_API))

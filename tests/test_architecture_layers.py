@@ -9,8 +9,8 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "poft_mlx"
 # Bottom to top; one level may hold several sibling layers that do not import each other.
-LEVELS = [("errors",), ("config", "rundir"), ("runtime",), ("data",), ("models",), ("scoring",), ("training",),
-          ("evaluation", "export"), ("recipes",), ("cli",), ("__main__",)]
+LEVELS = [("errors", "_version"), ("config", "rundir"), ("runtime",), ("data",), ("models",), ("scoring",), ("training",),
+          ("evaluation", "export"), ("recipes", "api"), ("cli",), ("__main__",)]
 LEVEL = {layer: i for i, names in enumerate(LEVELS) for layer in names}
 
 

@@ -25,3 +25,11 @@ def test_quickstart_config_is_the_packaged_one():
     from poft_mlx.recipes.quickstart import QUICKSTART_CONFIG
 
     assert QUICKSTART_CONFIG.read_text() == (ROOT / "configs" / "quickstart.yaml").read_text()
+
+
+def test_the_package_version_is_pyprojects():
+    import tomllib
+
+    from poft_mlx import __version__
+
+    assert __version__ == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from .. import __version__
+from .._version import __version__
 from ..errors import HubError
 from ..rundir import ADAPTER_CONFIG, RunDir
 

@@ -257,7 +257,9 @@ def test_run_fused_and_lora_gguf_match_mlx_with_adapters(tmp_path, tiny, llama_c
     assert result.exit_code == 0, result.output
     assert "fused" in result.output and "the chat template" in result.output
     np.testing.assert_allclose(cpp_logits(llama_cpp, tmp_path / "fused.gguf", ids), want, atol=tolerance(name, "f32"))
-    template = gguf.GGUFReader(tmp_path / "fused.gguf").fields["tokenizer.chat_template"].contents()
+    fields = gguf.GGUFReader(tmp_path / "fused.gguf").fields
+    assert fields["general.name"].contents() == "run"
+    template = fields["tokenizer.chat_template"].contents()
     assert template.startswith("{{ bos_token }}") and "<start_of_turn>" in template  # the run's, not the base's
 
     report = export_lora_gguf(run, tmp_path / "lora.gguf")

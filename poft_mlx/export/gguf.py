@@ -101,14 +101,17 @@ def export_gguf(source: str | os.PathLike[str], out: str | os.PathLike[str], *, 
     with tempfile.TemporaryDirectory(prefix=".poft-gguf-fuse-", dir=out.parent) as tmp:
         fused = Path(tmp) / "fused"
         fuse_run(source, fused, base=base, check=check)  # dequantizes a quantized base
-        report = write_gguf(fused, out, outtype=outtype)
+        report = write_gguf(fused, out, outtype=outtype, name=source.resolve().name)
     report.fused_from = source
     return report
 
 
 def write_gguf(folder: str | os.PathLike[str], out: str | os.PathLike[str], *, outtype: str = "f16",
-               dequantize: bool = False) -> GGUFReport:
-    """Write model folder `folder` as GGUF file `out`, built beside it and renamed into place."""
+               dequantize: bool = False, name: str | None = None) -> GGUFReport:
+    """Write model folder `folder` as GGUF file `out`, built beside it and renamed into place.
+
+    `name` is general.name (default: the folder's name).
+    """
     from mlx.utils import tree_flatten
     from mlx_lm.utils import dequantize_model, load_model
 
@@ -148,7 +151,7 @@ def write_gguf(folder: str | os.PathLike[str], out: str | os.PathLike[str], *, o
     try:
         with diskspace.writing(tmp, need, hint):
             writer = gguf.GGUFWriter(str(tmp), arch_name)
-            _add_metadata(writer, arch, hp, folder.name, OUTTYPES[outtype][1])
+            _add_metadata(writer, arch, hp, name or folder.resolve().name, OUTTYPES[outtype][1])
             add_vocab(writer, vocab)
             for _, gguf_name, shape, qtype, nbytes in plan:
                 writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)

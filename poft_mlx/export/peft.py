@@ -56,7 +56,7 @@ def export_peft(
     lora = run.adapter_config["lora_parameters"]
     r, alpha = int(lora["rank"]), float(lora["scale"]) * int(lora["rank"])
     targets, layer_ids = _peft_targets(paths)
-    name = base_model_name or run.folder.read_config().get("model") or run.adapter_config.get("model")
+    name = base_model_name or _portable_base(run.folder.read_config().get("model") or run.adapter_config.get("model"))
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r,
         "lora_alpha": int(alpha) if alpha.is_integer() else alpha,
@@ -74,6 +74,17 @@ def export_peft(
     (out / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
     write_provenance(run, out, "peft adapter" + "".join(f"; {n}" for n in notes))
     return peft_config | {"notes": notes}
+
+
+def _portable_base(ref) -> str | None:
+    """The base as PEFT should name it: its Hub id where one is known (a Hub id, a pypi: alias of a
+    Hub model), else the model folder's or GGUF file's name; never a path of this machine."""
+    if not ref:
+        return None
+    from ..models.refs import portable_ref  # lazy: loads mlx and gguf-py
+
+    p = portable_ref(str(ref))
+    return p.get("hub_id") or p.get("ref")
 
 
 def _peft_targets(paths: list[str]) -> tuple[list[str], list[int] | None]:

@@ -77,6 +77,10 @@ class TrainConfig:
     early_stopping_patience: int = 0  # evaluations without improvement; 0 = off
     nan_policy: Literal["stop", "skip"] = "stop"
     seed: int = 0
+    # Experiment trackers that also get every metrics.jsonl record and the resolved config
+    # (training/trackers.py; optional extra: pip install 'poft-mlx[track]').
+    report_to: list[Literal["wandb", "tensorboard", "trackio"]] = field(default_factory=list)
+    project_name: Optional[str] = None  # the trackers' project; None: "poft-mlx"
 
 
 @dataclass

@@ -10,6 +10,7 @@
     RUN/metrics.jsonl            every logged metric, one JSON object per line
     RUN/report/                  `poft-mlx report --run RUN`'s default output folder
     RUN/curves.png               `poft-mlx plot RUN`'s default image
+    RUN/trackers/                train.report_to's local files (tensorboard/, wandb/, wandb-run-id)
     RUN/.poft-lock               held while a process works on the run (runtime/runlock.py)
 
 metrics.jsonl: the training loop appends {"split": "train", "step": N, "loss", "ce", ...}
@@ -61,6 +62,7 @@ class RunDir:
     lock = property(lambda self: self.root / LOCK_FILE)
     report = property(lambda self: self.root / "report")
     curves = property(lambda self: self.root / "curves.png")
+    trackers = property(lambda self: self.root / "trackers")
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / checkpoint_name(step)

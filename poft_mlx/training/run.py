@@ -19,6 +19,7 @@ from .dpo import run_pairs
 from .loop import build_optimizer, train
 from .plan import plan
 from .setup import create_run, finished
+from .trackers import trackers_for
 
 
 def encoded_data(prep: Prepared, cfg: Config, need_ref: bool) -> EncodedData:
@@ -35,8 +36,10 @@ def encoded_data(prep: Prepared, cfg: Config, need_ref: bool) -> EncodedData:
 
 
 def run_train(cfg: Config, *, resume: bool = False, callbacks=()) -> Path:
-    """Train the target with cfg.objective; returns the run folder. callbacks: loop.Callback observers."""
+    """Train the target with cfg.objective; returns the run folder. callbacks: loop.Callback observers
+    (the trackers of train.report_to join them, for every objective)."""
     objective = objectives.build(cfg)
+    callbacks = [*callbacks, *trackers_for(cfg)]  # a tracker that is not installed: an error now
     check_inputs(cfg, aligned_for=objective.name if objective.needs_aligned else None)
     if objective.pairs:
         return finished(run_pairs(cfg, objective, resume=resume, callbacks=callbacks))

@@ -1,5 +1,9 @@
 """`poft-mlx eval`: the base model and runs side by side on held-out data (likelihood, and with
---generate or --lm-eval generated answers or lm-evaluation-harness tasks)."""
+--generate or --lm-eval generated answers or lm-evaluation-harness tasks).
+
+The flags of flags.py that apply (--model, --aligned, --batch-size, --max-seq-length, ...)
+override every model's config; --data takes a file or mlx-lm's data folder (its test.jsonl),
+and --adapter-path adds a run as mlx-lm names its adapters (RUN/adapters)."""
 
 from __future__ import annotations
 
@@ -10,13 +14,19 @@ from pathlib import Path
 import click
 
 from ..rundir import RunDir
-from .common import config_options, echo_once, load, run, run_config
+from .common import config_options, echo_once, flag_options, heldout_file, load, print_config, run, run_config, \
+    run_folder
 
 
 @click.command("eval")
 @config_options
-@click.option("--data", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="Held-out JSONL file (required unless --lm-eval is given).")
+@flag_options("eval")
+@click.option("--data", type=click.Path(exists=True), default=None,
+              help="Held-out JSONL file, or a folder with test.jsonl as mlx-lm's --data (required unless --lm-eval "
+                   "is given).")
+@click.option("--adapter-path", "adapter_paths", multiple=True, type=click.Path(exists=True),
+              help="A run to evaluate, named by its adapters as in mlx-lm (RUN/adapters, or RUN itself; "
+                   "repeatable; the same as giving RUN).")
 @click.option("--base/--no-base", default=True, help="Also evaluate the target without adapters.")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Write the table as JSON here.")
 @click.option("--generate", "gen", is_flag=True,
@@ -42,26 +52,38 @@ from .common import config_options, echo_once, load, run, run_config
 @click.option("--lm-eval-chat-template", is_flag=True,
               help="With --lm-eval: render prompts with the model's chat template (default: raw text).")
 @click.argument("runs", nargs=-1, type=click.Path(file_okay=False, exists=True))
-def eval_cmd(configs, overrides, data, base, json_out, gen, out_dir, answer, max_tokens, gen_batch_size,
-             temperature, limit, lm_tasks, lm_eval_include, lm_eval_limit, lm_eval_fewshot, lm_eval_chat_template,
-             runs):
-    """Compare the base model and RUNS (run folders) on held-out data, side by side."""
+def eval_cmd(configs, overrides, flags, print_config_only, data, adapter_paths, base, json_out, gen, out_dir, answer,
+             max_tokens, gen_batch_size, temperature, limit, lm_tasks, lm_eval_include, lm_eval_limit, lm_eval_fewshot,
+             lm_eval_chat_template, runs):
+    """Compare the base model and RUNS (run folders) on held-out data, side by side.
+
+    \b
+    poft-mlx eval --data data/ runs/poft runs/sft      (data/test.jsonl; mlx-lm's layout)
+    poft-mlx eval --model M --data test.jsonl          (the base model alone)"""
     # lazy: keeps --help fast (mlx, the models and the harness load only for an evaluation)
     from ..evaluation.answers import jsonable, markdown, run_generation_eval
     from ..evaluation.likelihood import run_eval
     from ..evaluation.lm_eval import format_lm_eval_table, run_lm_eval
     from ..runtime.distributed import group, is_main
 
+    runs = tuple(runs) + tuple(_adapter_run(p) for p in adapter_paths)
+    data = run(heldout_file, data) if data is not None else None
     first = run_config(runs[0]) if runs else None
     models = {}
     if base:  # the target as it was before any stage: no init_adapters either
-        cfg = load(configs, overrides, first)
+        cfg = load(configs, overrides, first, flags)
         models["base"] = (replace(cfg, init_adapters=None), None)
     for run_dir in runs:
-        cfg = load(configs, overrides, run_config(run_dir))
+        cfg = load(configs, overrides, run_config(run_dir), flags)
         models[str(run_dir)] = (cfg, str(RunDir(run_dir).adapters))
     if not models:
         raise click.UsageError("nothing to evaluate: give run folders and/or --base")
+    if print_config_only:  # one YAML document per model
+        for i, (name, (cfg, _)) in enumerate(models.items()):
+            if i:
+                click.echo("---")
+            print_config(cfg, title=name)
+        return
     if data is None and (gen or not lm_tasks):
         raise click.UsageError("Missing option '--data' (held-out JSONL)" + ("" if gen else " or --lm-eval TASKS"))
     if (gen or lm_tasks) and group().size() > 1:
@@ -87,6 +109,14 @@ def eval_cmd(configs, overrides, data, base, json_out, gen, out_dir, answer, max
             rows[name]["lm_eval"] = tasks
     if json_out and is_main():
         Path(json_out).write_text(json.dumps(jsonable(rows), indent=1))
+
+
+def _adapter_run(path: str) -> str:
+    run_dir = run_folder(path)
+    if not RunDir(run_dir).is_run():
+        raise click.BadParameter(f"{path} is not a run's adapters folder (RUN/adapters) nor a run folder",
+                                 param_hint="'--adapter-path'")
+    return run_dir
 
 
 def format_table(rows: dict) -> str:

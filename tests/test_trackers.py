@@ -229,3 +229,29 @@ def test_a_resumed_run_replaces_in_tensorboard_what_the_killed_one_logged_after_
     acc = EventAccumulator(str(RunDir(cfg.run_dir).trackers / "tensorboard"))
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 1), (2, 2), (3, 13), (4, 14), (5, 15)]
+
+
+def test_a_dpo_run_reports_too(tmp_path, tiny_models):
+    """The DPO path (training/dpo.run_pairs) gets the trackers from run_train as every objective does."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tiny import write_jsonl
+
+    pairs = [{"prompt": f"What is {i} plus 2?", "chosen": f"It is {i + 2}.", "rejected": f"It is {i + 5}. The fox."}
+             for i in range(6)]
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", pairs)
+    write_jsonl(data / "valid.jsonl", pairs[:2])
+    run = RunDir(tmp_path / "dpo")
+    r = CliRunner().invoke(main, ["train", "--model", str(tiny_models["target"]), "--chat-template", "gemma",
+                                  "--objective", "dpo", "--data", str(data), "--iters", "2", "--batch-size", "2",
+                                  "--max-seq-length", "96", "--steps-per-report", "1", "--adapter-path", str(run),
+                                  "--report-to", "tensorboard"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    acc = EventAccumulator(str(run.trackers / "tensorboard"))
+    acc.Reload()
+    want = expected(run)
+    assert "train/reward_acc" in want and set(acc.Tags()["scalars"]) == set(want)
+    assert [(e.step, e.value) for e in acc.Scalars("val/loss")] == \
+        [(s, float(np.float32(v))) for s, v in sorted(want["val/loss"].items())]

@@ -32,7 +32,7 @@ def test_every_problem_is_reported_with_file_line_and_field(tmp_path):
         {"messages": [{"role": "user", "content": "q"}]},
         {"prompt": "q"},
         [1, 2],
-        {"text": "x"},
+        {"txt": "x"},  # ({"text": ...} is a text record)
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 5}]},
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
                       {"role": "user", "content": "more"}]},

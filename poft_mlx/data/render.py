@@ -5,11 +5,20 @@ end-of-turn token that closes it (so the model learns to stop). It is found in
 characters by rendering the conversation up to each reply with a placeholder in the
 reply's place (never by searching the reply's text), then mapped to tokens through
 the tokenizer's offsets, so it is the same text span for every model and template.
+
+Tool calling: a record's `tools` go to the template (apply_chat_template(tools=...)), and an
+assistant turn with `tool_calls` is supervised whole, as the template writes it: everything
+between where a plain reply would start and where it would end (the placeholder's
+surroundings), i.e. its content and its calls, plus the end-of-turn token. A template that
+drops the calls or ignores the tools is an error, not a silently wrong span.
+
+Text records (continued pre-training) use no template: the text's tokens (with the BOS the
+tokenizer adds, and EOS appended, as mlx-lm's text format does) are all supervised.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -70,42 +79,49 @@ class Turn:
     content_start: int  # char offset of the (stripped) content in the full text
     content_end: int
     turn_end: int  # end of the rendering of this message
+    calls: bool = False  # a turn with tool_calls: its span is the template's rendering of the calls
 
 
 class Renderer:
     """Encodes samples for one tokenizer + template; see the module docstring."""
 
     def __init__(self, tokenizer, *, chat_template: str | None = None, span: str = "all",
-                 template_kwargs: dict | None = None, label: str = "model"):
+                 template_kwargs: dict | None = None, label: str = "model", require_template: bool = True):
+        """require_template=False: a tokenizer without a chat template is an error only when a
+        conversation is rendered (text records need none)."""
         self.tok = getattr(tokenizer, "_tokenizer", tokenizer)  # unwrap mlx-lm's wrapper
         self.template = resolve_template(chat_template) or getattr(self.tok, "chat_template", None)
-        if not self.template:
-            raise TemplateError(
-                f"{label}: the tokenizer has no chat template; set one with chat_template "
-                f"(a builtin: {', '.join(BUILTIN_TEMPLATES)}, a .jinja file, or Jinja text)"
-            )
+        self.label = label
+        if not self.template and require_template:
+            raise TemplateError(self._no_template())
         self.span = span
         self.kwargs = dict(template_kwargs or {})
-        self.label = label
         self.special_ids = set(getattr(self.tok, "all_special_ids", []) or [])
         added = getattr(self.tok, "added_tokens_decoder", {}) or {}
         self.special_ids |= {i for i, t in added.items() if getattr(t, "special", False)}
 
-    def apply(self, messages: list[dict], generation_prompt: bool) -> str:
+    def _no_template(self) -> str:
+        return (f"{self.label}: the tokenizer has no chat template; set one with chat_template "
+                f"(a builtin: {', '.join(BUILTIN_TEMPLATES)}, a .jinja file, or Jinja text)")
+
+    def apply(self, messages: list[dict], generation_prompt: bool, tools: list | None = None) -> str:
+        if not self.template:
+            raise TemplateError(self._no_template())
+        extra = {"tools": tools} if tools else {}
         # transformers renders in jinja2's ImmutableSandboxedEnvironment: a template's attempt to
         # leave it (''.__class__...) raises SecurityError, which ends here as one clear error.
         try:
             return self.tok.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=generation_prompt,
-                chat_template=self.template, **self.kwargs,
+                chat_template=self.template, **extra, **self.kwargs,
             )
         except JinjaError as e:
             raise TemplateError(f"{self.label}: the chat template failed ({type(e).__name__}: "
                                 f"{' '.join(str(e).split())[:300]})") from None
 
-    def turns(self, messages: list[dict]) -> tuple[str, list[Turn]]:
+    def turns(self, messages: list[dict], tools: list | None = None) -> tuple[str, list[Turn]]:
         """The full rendering and the supervised assistant turns in it."""
-        full = self.apply(messages, False)
+        full = self.apply(messages, False, tools)
         indices = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if self.span == "last":
             indices = indices[-1:]
@@ -115,8 +131,8 @@ class Renderer:
             # ("is") also occurs in the template's own markup ("assistant"), and a template
             # may ignore add_generation_prompt. Rendering a placeholder reply in its place
             # gives the text before and after it exactly.
-            through = self.apply(messages[: i + 1], False)
-            probe = self.apply(messages[:i] + [{"role": "assistant", "content": PLACEHOLDER}], False)
+            through = self.apply(messages[: i + 1], False, tools)
+            probe = self.apply(messages[:i] + [{"role": "assistant", "content": PLACEHOLDER}], False, tools)
             if probe.count(PLACEHOLDER) != 1:
                 raise TemplateError(
                     f"{self.label}: the chat template renders the assistant reply of message {i} "
@@ -132,6 +148,9 @@ class Renderer:
                     "the start of the conversation with it); the supervised span cannot be located"
                 )
             rendered = through[len(head):len(through) - len(tail)]
+            if messages[i].get("tool_calls"):
+                turns.append(self._call_turn(messages[i], i, rendered, len(head), len(through)))
+                continue
             content = messages[i]["content"].strip()
             if rendered.strip() != content:
                 raise TemplateError(
@@ -142,8 +161,27 @@ class Renderer:
             turns.append(Turn(i, pos, pos + len(content), len(through)))
         return full, turns
 
+    def _call_turn(self, message: dict, i: int, rendered: str, start: int, end: int) -> Turn:
+        """A turn with tool calls: `rendered` (at `start`) is the template's writing of it."""
+        names = [c["function"]["name"] for c in message["tool_calls"]]
+        missing = [n for n in names if n not in rendered]
+        content = message["content"].strip()
+        if missing or (content and content not in rendered):
+            raise TemplateError(
+                f"{self.label}: the chat template does not render the tool calls of message {i} "
+                f"({', '.join(missing) or 'its content'} missing from the turn); use a model or "
+                "chat_template that supports tool calling"
+            )
+        lead = len(rendered) - len(rendered.lstrip())
+        return Turn(i, start + lead, start + len(rendered.rstrip()), end, calls=True)
+
     def encode(self, sample: Sample) -> Encoded:
-        full, turns = self.turns(sample.messages)
+        if sample.text is not None:
+            return self._encode_text(sample)
+        if sample.tools and self.apply(sample.messages, False, sample.tools) == self.apply(sample.messages, False):
+            raise TemplateError(f"{self.label}: the chat template ignores `tools` ({sample.source} has "
+                                f"{len(sample.tools)}); use a model or chat_template that supports tool calling")
+        full, turns = self.turns(sample.messages, sample.tools)
         enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = np.asarray(enc["input_ids"], dtype=np.int32)
         offsets = enc["offset_mapping"]
@@ -169,10 +207,28 @@ class Renderer:
         mask[0] = False  # the first token has no context to predict it from
         return Encoded(ids, mask)
 
+    def text_ids(self, text: str) -> tuple[list[int], list]:
+        """A text record's tokens (the tokenizer's BOS, if it adds one) and their char offsets."""
+        enc = self.tok(text, add_special_tokens=True, return_offsets_mapping=True)
+        return list(enc["input_ids"]), enc["offset_mapping"]
+
+    def _encode_text(self, sample: Sample) -> Encoded:
+        ids, _ = self.text_ids(sample.text)
+        eos = getattr(self.tok, "eos_token_id", None)
+        # EOS closes a whole document (mlx-lm's text format); a cut one did not end there.
+        if eos is not None and not sample.meta.get("truncated") and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        mask = np.ones(len(ids), dtype=bool)
+        mask[0] = False
+        return Encoded(np.asarray(ids, dtype=np.int32), mask)
+
     def char_to_turn(self, sample: Sample, char: int) -> tuple[int, int] | None:
-        """Map a char offset of the full rendering to (message index, content offset)."""
-        _, turns = self.turns(sample.messages)
+        """Map a char offset of the full rendering to (message index, content offset); None
+        outside any reply and inside a turn with tool calls (a call is never cut)."""
+        _, turns = self.turns(sample.messages, sample.tools)
         for turn in turns:
+            if turn.calls:
+                continue
             if turn.content_start <= char <= turn.content_end:
                 lead = len(sample.messages[turn.index]["content"]) - len(
                     sample.messages[turn.index]["content"].lstrip())
@@ -198,7 +254,9 @@ def fit_length(sample: Sample, renderer: Renderer, max_len: int, policy: str, *,
         return sample, enc, "ok"
     if policy == "drop":
         return None, None, "dropped"
-    full = renderer.apply(sample.messages, False)
+    if sample.text is not None:
+        return _cut_text(sample, renderer, max_len)
+    full = renderer.apply(sample.messages, False, sample.tools)
     offsets = renderer.tok(full, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     keep = max_len
     for _ in range(8):  # re-tokenising a cut text can shift a boundary token; shrink and retry
@@ -209,7 +267,7 @@ def fit_length(sample: Sample, renderer: Renderer, max_len: int, policy: str, *,
             break
         i = where[0]
         msgs = [dict(m) for m in sample.messages[:i]] + [{"role": "assistant", "content": content}]
-        new = Sample(msgs, sample.source, {**sample.meta, "truncated": True})
+        new = replace(sample, messages=msgs, meta={**sample.meta, "truncated": True})
         enc = renderer.encode(new)
         if len(enc.tokens) <= max_len and enc.n_target > 0:
             return new, enc, "truncated"
@@ -221,11 +279,29 @@ def fit_length(sample: Sample, renderer: Renderer, max_len: int, policy: str, *,
     return None, None, "dropped"
 
 
+def _cut_text(sample: Sample, renderer: Renderer, max_len: int):
+    """A text record cut at a token boundary to fit `max_len` tokens (no EOS: it did not end)."""
+    _, offsets = renderer.text_ids(sample.text)
+    keep = max_len
+    for _ in range(8):  # re-tokenising a cut text can shift a boundary token; shrink and retry
+        text = sample.text[:offsets[min(keep, len(offsets)) - 1][1]]
+        if not text.strip():
+            break
+        new = replace(sample, text=text, meta={**sample.meta, "truncated": True})
+        enc = renderer.encode(new)
+        if len(enc.tokens) <= max_len and enc.n_target > 0:
+            return new, enc, "truncated"
+        keep -= max(1, len(enc.tokens) - max_len)
+        if keep < 2:
+            break
+    return None, None, "dropped"
+
+
 def _whole_replies(sample: Sample, renderer: Renderer, max_len: int):
     """The conversation up to its last assistant reply that fits, whole, in `max_len` tokens."""
     ends = [i for i, m in enumerate(sample.messages) if m["role"] == "assistant"][:-1]
     for i in reversed(ends):  # the last reply is the one that did not fit
-        new = Sample([dict(m) for m in sample.messages[:i + 1]], sample.source, dict(sample.meta))
+        new = replace(sample, messages=[dict(m) for m in sample.messages[:i + 1]], meta=dict(sample.meta))
         enc = renderer.encode(new)
         if len(enc.tokens) <= max_len and enc.n_target > 0:
             return new, enc, "shortened"

@@ -28,15 +28,75 @@ class AlignedModel:
     chat_template: Optional[str] = None  # a builtin name, a .jinja file, or the template text
 
 
+DataSources = Optional[Union[str, dict, list[Union[str, dict]]]]
+# The keys of one entry of a source list (data/sources.py reads them).
+DATA_FIELDS = ("messages_field", "prompt_field", "completion_field", "system_field", "text_field",
+               "chosen_field", "rejected_field", "tools_field")
+SOURCE_KEYS = ("path", "weight", *DATA_FIELDS)
+
+
 @dataclass
 class DataConfig:
-    train: Optional[str] = None
-    valid: Optional[str] = None
+    # A source (data/sources.py; README, Data): a JSONL file, a folder of data files, a Parquet or
+    # Arrow file, a save_to_disk folder, hf:ID[:CONFIG]:SPLIT[SLICE]; or a list of them, each a
+    # string or {path, weight, *_field} (weight: how many times its records are drawn; 1 = once).
+    train: DataSources = None
+    valid: DataSources = None
+    test: DataSources = None  # held-out data for eval
     span: Literal["all", "last"] = "all"  # which assistant turns are supervised
     max_seq_length: int = 1024
     overlength: Literal["truncate", "drop"] = "truncate"
     # Extra keyword arguments for apply_chat_template, e.g. {enable_thinking: false}.
     template_kwargs: dict = field(default_factory=dict)
+    # A data set's own column names for the record fields (every source; an entry's own keys win),
+    # e.g. messages_field: conversations.
+    messages_field: Optional[str] = None
+    prompt_field: Optional[str] = None
+    completion_field: Optional[str] = None
+    system_field: Optional[str] = None
+    text_field: Optional[str] = None
+    chosen_field: Optional[str] = None
+    rejected_field: Optional[str] = None
+    tools_field: Optional[str] = None
+    # hf: sources and Parquet files read record by record (a slice of a large set without
+    # preparing all of it; slices then take absolute record numbers).
+    streaming: bool = False
+
+    def __post_init__(self):
+        for key in ("train", "valid", "test"):
+            setattr(self, key, _check_sources(getattr(self, key), f"data.{key}"))
+
+
+def _check_sources(value: Any, key: str) -> Any:
+    """A source list's entries, each checked: a string, or a mapping of SOURCE_KEYS with a path;
+    weights finite and at least 0, not all 0. Returns `value` with each mapping's weight a float."""
+    if not isinstance(value, (dict, list)):
+        return value
+    entries = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and not value:
+        raise ConfigError(f"{key}: an empty list names no data; give at least one source")
+    out = []
+    for i, entry in enumerate(entries):
+        where = f"{key}[{i}]" if isinstance(value, list) else key
+        if isinstance(entry, str):
+            out.append(entry)
+            continue
+        unknown = [k for k in entry if k not in SOURCE_KEYS]
+        if unknown:
+            raise ConfigError(f"unknown key '{where}.{unknown[0]}'; valid keys here: {', '.join(SOURCE_KEYS)}")
+        if "path" not in entry:
+            raise ConfigError(f"{where}: missing required key path (a data source)")
+        entry = {k: _cast(v, Optional[float] if k == "weight" else Optional[str], f"{where}.{k}")
+                 for k, v in entry.items()}
+        if entry["path"] is None or not entry["path"].strip():
+            raise ConfigError(f"{where}.path: names no data source")
+        if entry.get("weight") is not None and entry["weight"] < 0:
+            raise ConfigError(f"{where}.weight: must be at least 0, got {entry['weight']!r}")
+        out.append(entry)
+    weights = [e.get("weight") if isinstance(e, dict) else None for e in out]
+    if all(w is not None and w == 0 for w in weights):
+        raise ConfigError(f"{key}: every source has weight 0; at least one must draw records")
+    return out if isinstance(value, list) else out[0]
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The run folder: its layout, owned here and nowhere else, and the one reader of metrics.jsonl.
 
     RUN/config.yaml              the resolved configuration (what `--resume` and every command reads)
-    RUN/data_fingerprint.txt     sha256 of the training data file
+    RUN/data_fingerprint.txt     sha256 of the training data (data/sources.fingerprint: a JSONL file's own)
     RUN/data_report.json         what fitting the data to max_seq_length did to it
     RUN/adapters/                latest adapters, mlx-lm layout (mlx_lm.generate --adapter-path)
     RUN/best/                    best adapters by validation loss

@@ -175,7 +175,11 @@ def check_read_jsonl(path, n_lines: int, preference: bool) -> None:
         return
     for item in items:
         for s in ([item.chosen, item.rejected] if preference else [item]):
-            assert s.messages[-1]["role"] == "assistant" and s.messages[-1]["content"].strip()
+            if s.text is not None:  # a text record
+                assert s.text.strip() and not s.messages and len(s.uid) == 24
+                continue
+            assert s.messages[-1]["role"] == "assistant"
+            assert s.messages[-1]["content"].strip() or s.messages[-1].get("tool_calls")
             for m in s.messages:
                 assert m["role"] in ROLES and isinstance(m["content"], str)
             assert len(s.uid) == 24  # hashes its text: no lone surrogates
@@ -390,10 +394,13 @@ def test_cli_train_with_a_bad_config_prints_a_message_not_a_traceback(folder):
 
 
 def test_cli_train_with_a_folder_as_data_prints_a_message(folder):
-    r = CliRunner().invoke(main, ["train", "--set", "model=m", "--set", f"data.train={folder}",
+    empty = folder / "no-data"  # a folder of data files is a source (data/sources.py); this one has none
+    empty.mkdir(exist_ok=True)
+    r = CliRunner().invoke(main, ["train", "--set", "model=m", "--set", f"data.train={empty}",
                                   "--set", "objective=sft", "--set", f"run_dir={folder / 'run'}"])
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
-    assert r.output.strip() == f"Error: data.train: {folder} is not a file"
+    assert r.output.strip() == (f"Error: data.train: {empty} is a folder without .jsonl, .parquet or .arrow "
+                                "files (and not a save_to_disk data set)")
 
 
 # ---------------------------------------------------------------------------- CLI argument lists

@@ -32,8 +32,9 @@ import mlx.core as mx
 import numpy as np
 
 from ..data.builtin import final_number
-from ..data.records import Sample, read_jsonl
-from ..errors import ConfigError
+from ..data.records import Sample
+from ..data.sources import describe, load_records
+from ..errors import ConfigError, DataError
 from ..models.generation import generate, open_generator
 from ..scoring.references import reference_scores, score_all
 from .likelihood import run_eval
@@ -133,6 +134,9 @@ class Prompt:
 def prompts_of(samples: list[Sample]) -> list[Prompt]:
     out = []
     for s in samples:
+        if s.text is not None:
+            raise DataError(f"{s.source}: a text record has no prompt to answer; generation needs "
+                            "chat or prompt/completion records")
         last = max(i for i, m in enumerate(s.messages) if m["role"] == "assistant")
         out.append(Prompt([dict(m) for m in s.messages[:last]], s.messages[last]["content"], s.source))
     return out
@@ -184,14 +188,20 @@ def summarize(models: dict[str, dict], likelihood: dict[str, dict], seed: int = 
     return {"models": table, "differences": diffs}
 
 
-def run_generation_eval(configs: dict, data: str, out_dir: str | Path, *, answer: str = "auto",
+def run_generation_eval(configs: dict, data, out_dir: str | Path, *, answer: str = "auto",
                         max_tokens: int = 256, batch_size: int = 8, temperature: float = 0.0, seed: int = 0,
                         limit: int | None = None, log=print) -> dict:
     """Generate with every model in `configs` ({name: (Config, adapter_path or None)}) and compare.
 
     Writes eval.json, eval.md and eval.html to out_dir; returns the summary (see summarize).
+    data: any data source (data/sources.py); None: the first config's data.test.
     """
-    records = read_jsonl(data)[:limit] if limit else read_jsonl(data)
+    first = next(iter(configs.values()))[0]
+    data = data or first.data.test
+    if not data:
+        raise ConfigError("no held-out data: give --data or set data.test")
+    records = load_records(data, first.data, seed=first.train.seed, key="data.test").records
+    records = records[:limit] if limit else records
     prompts = prompts_of(records)
     if answer == "auto":
         answer = "gsm8k" if prompts and all("####" in p.reference for p in prompts) else "none"
@@ -214,7 +224,7 @@ def run_generation_eval(configs: dict, data: str, out_dir: str | Path, *, answer
         log(f"eval: {name}: aligned models score the {len(prompts)} generated replies")
         per_model[name]["aligned_lp"] = aligned_scores(first_cfg, prompts, per_model[name]["reply"], log=log).tolist()
     summary = summarize(per_model, likelihood, seed=seed)
-    summary["settings"] = {"data": str(data), "samples": len(prompts), "answer": answer, "max_tokens": max_tokens,
+    summary["settings"] = {"data": describe(data), "samples": len(prompts), "answer": answer, "max_tokens": max_tokens,
                            "temperature": temperature, "seed": seed,
                            "aligned": [a.model for a in first_cfg.aligned]}
     result = {**summary, "samples": [

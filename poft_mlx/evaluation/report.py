@@ -22,7 +22,9 @@ import numpy as np
 from mlx_lm.utils import load_tokenizer
 
 from ..config import Config
+from ..data import sources
 from ..data.prepare import prepare, target_renderer
+from ..data.records import to_record, write_jsonl
 from ..errors import ConfigError, InputMissing, MissingExtra, MissingScores
 from ..models.modeling import resolve
 from ..rundir import ADAPTER_FILE, RunDir
@@ -35,7 +37,7 @@ CLEAN = "clean"
 
 @dataclass
 class Scored:
-    path: str
+    path: object  # the data source (data/sources.py)
     samples: list
     encodings: list  # with the target's template, for r_theta
     r_ref: np.ndarray  # [N]
@@ -47,7 +49,7 @@ class Scored:
         return [str(s.meta.get("noise") or CLEAN) for s in self.samples]
 
 
-def load_scored(cfg: Config, data: str) -> Scored:
+def load_scored(cfg: Config, data) -> Scored:
     """Fit the records as training does and read their cached aligned scores (no scoring)."""
     if not cfg.model:
         raise ConfigError("no target model: set `model` (the report fits records with its template, as training does)")
@@ -117,7 +119,7 @@ def least_likely(scored: Scored, n: int) -> list[dict]:
         rows.append({"source": s.source, "r_ref": float(scored.r_ref[i]),
                      "scores": {k: float(v[i]) for k, v in scored.per_model.items()},
                      "noise": s.meta.get("noise"), "prompt": _preview(prompt),
-                     "response": _preview(s.messages[-1]["content"])})
+                     "response": _preview(s.text if s.text is not None else s.messages[-1]["content"])})
     return rows
 
 
@@ -139,19 +141,28 @@ def run_weights(cfg: Config, scored: Scored, run_dir: str | Path, *, batch_size:
     return {"r_theta": r_theta, "tau": 1.0 / (1.0 + np.exp(z))}
 
 
-def keep_top(scored: Scored, fraction: float, out: str | Path) -> dict:
-    """Write the records of the top `fraction` of samples by r_ref, verbatim, in file order."""
+def keep_top(scored: Scored, fraction: float, out: str | Path, cfg: Config | None = None) -> dict:
+    """Write the records of the top `fraction` of samples by r_ref in data order: a JSONL file's
+    lines verbatim; any other source's records as JSONL (records.to_record, read with cfg.data)."""
     if not 0.0 < fraction <= 1.0:
         raise ConfigError(f"--keep-top must be in (0, 1], got {fraction}")
     n = len(scored.samples)
     k = max(1, round(fraction * n))
     top = np.argsort(-scored.r_ref, kind="stable")[:k]
-    keep = {int(scored.samples[i].source.rsplit(":", 1)[1]) for i in top}
-    lines = Path(scored.path).read_text(encoding="utf-8").splitlines()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as fh:
-        fh.writelines(ln + "\n" for no, ln in enumerate(lines, 1) if no in keep)
+    jsonl = sources.single_jsonl(scored.path)
+    if jsonl is not None:
+        keep = {int(scored.samples[i].source.rsplit(":", 1)[1]) for i in top}
+        lines = jsonl.read_text(encoding="utf-8").splitlines()
+        with open(out, "w", encoding="utf-8") as fh:
+            fh.writelines(ln + "\n" for no, ln in enumerate(lines, 1) if no in keep)
+    else:  # the records as read (not as fitted to max_seq_length), each once
+        keep = {scored.samples[i].source for i in top}
+        data = cfg.data if cfg else None
+        read = sources.load_records(scored.path, data, seed=cfg.train.seed if cfg else 0).records
+        originals = {s.source: s for s in reversed(read)}
+        write_jsonl((to_record(originals[src]) for src in dict.fromkeys(s.source for s in read) if src in keep), out)
     return {"out": str(out), "kept": k, "of": n, "fraction": fraction,
             "min_r_ref_kept": float(scored.r_ref[top].min()), "dropped_overlength": len(scored.dropped)}
 
@@ -234,11 +245,12 @@ def run_report(cfg: Config, data: str | None = None, out_dir: str | Path = "poft
     scored = load_scored(cfg, data)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = {"data": str(data), "samples": len(scored.samples), "dropped_overlength": scored.dropped,
+    result = {"data": sources.describe(data), "samples": len(scored.samples), "dropped_overlength": scored.dropped,
               "scores": {"r_ref": summarize(scored.r_ref), **{k: summarize(v) for k, v in scored.per_model.items()}},
               "least_likely": least_likely(scored, least),
               "noise": noise_breakdown(scored.r_ref, scored.noise)}
-    files = {"scores_png": str(plot_scores(scored, out_dir / "scores.png", Path(data).name))}
+    title = Path(data).name if isinstance(data, str) and not data.startswith("hf:") else sources.describe(data)
+    files = {"scores_png": str(plot_scores(scored, out_dir / "scores.png", title))}
     if run_dir is not None:
         w = run_weights(cfg, scored, run_dir, batch_size=cfg.score.batch_size)
         result["run"] = {"run_dir": str(run_dir), "beta": cfg.beta, "gamma": cfg.gamma,
@@ -249,7 +261,7 @@ def run_report(cfg: Config, data: str | None = None, out_dir: str | Path = "poft
         np.savez(out_dir / "weights.npz", r_ref=scored.r_ref, r_theta=w["r_theta"], tau=w["tau"],
                  source=np.array([s.source for s in scored.samples]))
     if keep is not None:
-        result["keep_top"] = keep_top(scored, keep, keep_out)
+        result["keep_top"] = keep_top(scored, keep, keep_out, cfg)
     result["files"] = {**files, "json": str(out_dir / "report.json")}
     (out_dir / "report.json").write_text(json.dumps(result, indent=1))
     return result

@@ -1,6 +1,6 @@
 """The DPO stage (Rafailov et al. 2023, arXiv 2305.18290) after PoFT or SFT.
 
-Records are prompt / chosen / rejected (data.records.read_jsonl(..., preference=True)). The
+Records are prompt / chosen / rejected (data.sources.load_records(..., preference=True)). The
 policy starts from the target, with a previous stage's adapters fused into its weights when
 `init_adapters` is set, and gets new adapters. The reference is that same starting model,
 frozen: its summed log-likelihoods of every chosen and rejected reply are computed once,
@@ -22,7 +22,7 @@ import numpy as np
 
 from ..config import Config
 from ..data.prepare import log, target_renderer
-from ..data.records import read_jsonl
+from ..data.sources import describe, load_records
 from ..data.render import Renderer, fit_length
 from ..errors import DataError
 from ..models import modeling
@@ -69,10 +69,11 @@ def reference_logprobs(model, data: PairData, batch_size: int, max_batches: int 
     return out
 
 
-def prepare_pairs(path: str, renderer: Renderer, cfg: Config, log=log) -> PairData:
-    """Read preference records and fit both replies of each to data.max_seq_length."""
+def prepare_pairs(path, renderer: Renderer, cfg: Config, log=log, *, key: str = "data.train") -> PairData:
+    """Read preference records (any data source, data/sources.py) and fit both replies of each
+    to data.max_seq_length."""
     samples, chosen, rejected, dropped = [], [], [], []
-    records = read_jsonl(path, preference=True)
+    records = load_records(path, cfg.data, seed=cfg.train.seed, preference=True, key=key).records
     for p in records:
         c, c_enc, _ = fit_length(p.chosen, renderer, cfg.data.max_seq_length, cfg.data.overlength)
         r, r_enc, _ = fit_length(p.rejected, renderer, cfg.data.max_seq_length, cfg.data.overlength)
@@ -85,8 +86,8 @@ def prepare_pairs(path: str, renderer: Renderer, cfg: Config, log=log) -> PairDa
         chosen.append(c_enc)
         rejected.append(r_enc)
     if not samples:
-        raise DataError(f"{path}: every pair was dropped (max_seq_length={cfg.data.max_seq_length})")
-    log(f"{path}: {len(records)} pairs, {len(dropped)} dropped (max_seq_length {cfg.data.max_seq_length})")
+        raise DataError(f"{describe(path)}: every pair was dropped (max_seq_length={cfg.data.max_seq_length})")
+    log(f"{describe(path)}: {len(records)} pairs, {len(dropped)} dropped (max_seq_length {cfg.data.max_seq_length})")
     return PairData(samples, chosen, np.full((len(samples), 2), np.nan, np.float32), rejected)
 
 
@@ -96,7 +97,7 @@ def run_pairs(cfg: Config, objective: Objective, *, resume: bool = False, callba
     loaded = load_policy(cfg)
     renderer = target_renderer(loaded.tokenizer, cfg)
     train_data = prepare_pairs(cfg.data.train, renderer, cfg)
-    val_data = prepare_pairs(cfg.data.valid, renderer, cfg) if cfg.data.valid else None
+    val_data = prepare_pairs(cfg.data.valid, renderer, cfg, key="data.valid") if cfg.data.valid else None
     # The reference is the starting policy: score every reply before the adapters exist.
     # Validation pairs are grouped as evaluate() groups them (exact log 2 at step 0).
     log(f"reference log-likelihoods of {len(train_data)} pairs")

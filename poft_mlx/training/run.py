@@ -47,7 +47,7 @@ def run_train(cfg: Config, *, resume: bool = False, callbacks=()) -> Path:
     loaded = modeling.load(cfg.model, dtype=cfg.system.dtype, trust_remote_code=cfg.trust_remote_code)
     renderer = target_renderer(loaded.tokenizer, cfg)
     train_prep = prepare(cfg.data.train, renderer, cfg)
-    val_prep = prepare(cfg.data.valid, renderer, cfg) if cfg.data.valid else None
+    val_prep = prepare(cfg.data.valid, renderer, cfg, key="data.valid") if cfg.data.valid else None
     if group.rank() == 0:
         report = {"train": train_prep.report, "valid": val_prep.report if val_prep else None}
         run.data_report.write_text(json.dumps(report, indent=1))

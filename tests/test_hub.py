@@ -424,6 +424,15 @@ def test_gguf_target_is_its_file_name_and_sha256_and_hub_data_sets_are_listed(tm
     assert "| Hub data sets | `openai/gsm8k` |" in card and str(tmp_path) not in card
 
 
+def test_a_run_folder_pushed_as_is_leaves_its_tracker_files_out(tmp_path):
+    run = make_run(tmp_path / "run")
+    (run / "trackers" / "wandb").mkdir(parents=True)
+    (run / "trackers" / "wandb" / "run-x.wandb").write_bytes(b"local logs")
+    (run / "trackers" / "wandb-run-id").write_text("abc")
+    paths = [f.path for f in upload_files(run, "card")]
+    assert "config.yaml" in paths and not any(p.startswith("trackers/") for p in paths)
+
+
 def test_a_mixture_of_a_local_file_and_hf_sources_is_carded_without_paths(tmp_path):
     """data.train as a list (data/sources.py): the card names each source (a local one by its file
     name), lists the hf: data sets in the front matter, and says nothing of this machine's paths."""

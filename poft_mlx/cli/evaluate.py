@@ -21,9 +21,9 @@ from .common import config_options, echo_once, flag_options, heldout_file, load,
 @click.command("eval")
 @config_options
 @flag_options("eval")
-@click.option("--data", type=click.Path(exists=True), default=None,
-              help="Held-out JSONL file, or a folder with test.jsonl as mlx-lm's --data (required unless --lm-eval "
-                   "is given).")
+@click.option("--data", default=None, metavar="SOURCE",
+              help="Held-out data: a JSONL file, a folder with test.jsonl as mlx-lm's --data, hf:ID[:CONFIG]:SPLIT"
+                   "[SLICE], Parquet, a saved data set (required unless --lm-eval is given).")
 @click.option("--adapter-path", "adapter_paths", multiple=True, type=click.Path(exists=True),
               help="A run to evaluate, named by its adapters as in mlx-lm (RUN/adapters, or RUN itself; "
                    "repeatable; the same as giving RUN).")

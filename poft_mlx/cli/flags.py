@@ -70,9 +70,13 @@ def run_folder(adapter_path: str) -> str:
 
 
 def heldout_file(value: str) -> str:
-    """eval --data: a file, or a folder of mlx-lm split files (its test.jsonl)."""
+    """eval --data: any data source (a file, hf:ID:SPLIT, a saved data set...; data/sources.py),
+    or a folder of mlx-lm split files (its test.jsonl). InputMissing / ConfigError naming --data."""
+    from ..data.sources import check  # lazy: keeps --help fast
+
     folder = Path(value)
-    if not folder.is_dir():
+    if value.startswith("hf:") or not folder.is_dir() or not any(folder.glob("*.jsonl")):
+        check(value, key="--data")
         return value
     if not (folder / SPLIT_FILES["test"]).is_file():
         raise ConfigError(f"--data: {folder} is a folder without {SPLIT_FILES['test']} (mlx-lm's test split)")

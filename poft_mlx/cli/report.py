@@ -13,8 +13,9 @@ from .common import config_options, load, run, run_config
 
 @click.command("report")
 @config_options
-@click.option("--data", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="The scored JSONL file (default: data.train).")
+@click.option("--data", default=None, metavar="SOURCE",
+              help="The scored data: a JSONL file, hf:ID[:CONFIG]:SPLIT[SLICE], Parquet, a saved data set... "
+                   "(default: data.train).")
 @click.option("-o", "--out-dir", type=click.Path(file_okay=False), default=None,
               help="Folder for scores.png, tau.png and report.json (default: RUN/report with --run, else poft-report).")
 @click.option("--least", default=10, show_default=True, type=click.IntRange(0),

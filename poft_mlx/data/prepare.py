@@ -36,9 +36,9 @@ def check_inputs(cfg: Config, *, aligned_for: str | None = None) -> None:
     """The settings a run (or scoring) cannot start without, checked before anything loads;
     aligned_for: the objective that needs aligned models, if one does."""
     if not cfg.model:
-        raise ConfigError("no target model: set `model` in the config or --set model=...")
+        raise ConfigError("no target model: --model M (or `model` in the config, or --set model=M)")
     if not cfg.data.train:
-        raise ConfigError("no training data: set data.train in the config or --set data.train=FILE")
+        raise ConfigError("no training data: --data D (or data.train in the config, or --set data.train=D)")
     if aligned_for and not cfg.aligned:
         raise ConfigError(f"objective {aligned_for} needs at least one aligned model (config key `aligned`)")
     for key in ("data.train", "data.valid"):

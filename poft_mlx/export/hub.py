@@ -390,14 +390,17 @@ def _is_hub_id(value: Any) -> bool:
 
 
 def upload_files(path: str | Path, card: str) -> list[UploadFile]:
-    """Exactly what a push sends: every non-hidden file under `path`, README.md as the new card."""
+    """Exactly what a push sends: every non-hidden file under `path`, README.md as the new card;
+    of a run folder pushed as is, not its experiment trackers' local files (RUN/trackers)."""
     folder = Path(path)
+    trackers = RunDir(folder).trackers
     files = [
         UploadFile(p.relative_to(folder).as_posix(), p.stat().st_size)
         for p in sorted(folder.rglob("*"))
         if p.is_file()
         and p.relative_to(folder).as_posix() != "README.md"
         and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(folder).parts)
+        and trackers not in p.parents
     ]
     files.append(UploadFile("README.md", len(card.encode())))
     return sorted(files, key=lambda f: f.path)

@@ -111,17 +111,23 @@ def check_shape(reply: dict) -> None:
     assert 0 < usage["completion_tokens"] <= MAX_TOKENS
 
 
-def test_fused_folder_is_served_with_the_runs_template(served):
-    base, run, fused, root = served
-    ids, answer = expected(fused, MARKED)
-    base_ids, _ = expected(base, CHATML)
-    assert len(ids) != len(base_ids), "the two templates must differ in length for the check to mean anything"
-    server = Server(["--model", str(fused)], root / "fused.log")
+def served_reply(args: list[str], log: Path) -> dict:
+    """One chat request to an mlx_lm.server started with `args`, the reply's shape checked."""
+    server = Server(args, log)
     try:
         reply = server.chat(MESSAGES)
     finally:
         server.stop()
     check_shape(reply)
+    return reply
+
+
+def test_fused_folder_is_served_with_the_runs_template(served):
+    base, run, fused, root = served
+    ids, answer = expected(fused, MARKED)
+    base_ids, _ = expected(base, CHATML)
+    assert len(ids) != len(base_ids), "the two templates must differ in length for the check to mean anything"
+    reply = served_reply(["--model", str(fused)], root / "fused.log")
     assert reply["usage"]["prompt_tokens"] == len(ids)
     assert reply["choices"][0]["message"]["content"] == answer
 
@@ -129,13 +135,8 @@ def test_fused_folder_is_served_with_the_runs_template(served):
 def test_adapters_are_served_with_the_runs_template_when_given(served):
     base, run, fused, root = served
     ids, answer = expected(fused, MARKED)
-    server = Server(["--model", str(base), "--adapter-path", str(run / "adapters"), "--chat-template", MARKED],
-                    root / "adapters.log")
-    try:
-        reply = server.chat(MESSAGES)
-    finally:
-        server.stop()
-    check_shape(reply)
+    reply = served_reply(["--model", str(base), "--adapter-path", str(run / "adapters"), "--chat-template", MARKED],
+                         root / "adapters.log")
     assert reply["usage"]["prompt_tokens"] == len(ids)
     assert reply["choices"][0]["message"]["content"] == answer  # base + adapter == fused
 
@@ -143,10 +144,5 @@ def test_adapters_are_served_with_the_runs_template_when_given(served):
 def test_adapters_without_chat_template_use_the_bases(served):
     base, run, _, root = served
     base_ids, _ = expected(base, CHATML)
-    server = Server(["--model", str(base), "--adapter-path", str(run / "adapters")], root / "plain.log")
-    try:
-        reply = server.chat(MESSAGES)
-    finally:
-        server.stop()
-    check_shape(reply)
+    reply = served_reply(["--model", str(base), "--adapter-path", str(run / "adapters")], root / "plain.log")
     assert reply["usage"]["prompt_tokens"] == len(base_ids)

@@ -258,22 +258,18 @@ def fit_length(sample: Sample, renderer: Renderer, max_len: int, policy: str, *,
         return _cut_text(sample, renderer, max_len)
     full = renderer.apply(sample.messages, False, sample.tools)
     offsets = renderer.tok(full, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    keep = max_len
-    for _ in range(8):  # re-tokenising a cut text can shift a boundary token; shrink and retry
-        cut = offsets[keep - 1][1]
-        where = renderer.char_to_turn(sample, cut)
+
+    def cut_reply(keep: int) -> Sample | None:
+        where = renderer.char_to_turn(sample, offsets[keep - 1][1])
         content = sample.messages[where[0]]["content"][:where[1]].rstrip() if where else ""
         if not content:  # the cut falls outside any reply (a long prompt), or at its very start
-            break
-        i = where[0]
-        msgs = [dict(m) for m in sample.messages[:i]] + [{"role": "assistant", "content": content}]
-        new = replace(sample, messages=msgs, meta={**sample.meta, "truncated": True})
-        enc = renderer.encode(new)
-        if len(enc.tokens) <= max_len and enc.n_target > 0:
-            return new, enc, "truncated"
-        keep -= max(1, len(enc.tokens) - max_len)
-        if keep < 2:
-            break
+            return None
+        msgs = [dict(m) for m in sample.messages[:where[0]]] + [{"role": "assistant", "content": content}]
+        return replace(sample, messages=msgs, meta={**sample.meta, "truncated": True})
+
+    fitted = _shrink_to_fit(cut_reply, renderer, max_len)
+    if fitted:
+        return (*fitted, "truncated")
     if earlier_replies and renderer.span == "all":
         return _whole_replies(sample, renderer, max_len)
     return None, None, "dropped"
@@ -282,19 +278,31 @@ def fit_length(sample: Sample, renderer: Renderer, max_len: int, policy: str, *,
 def _cut_text(sample: Sample, renderer: Renderer, max_len: int):
     """A text record cut at a token boundary to fit `max_len` tokens (no EOS: it did not end)."""
     _, offsets = renderer.text_ids(sample.text)
-    keep = max_len
-    for _ in range(8):  # re-tokenising a cut text can shift a boundary token; shrink and retry
+
+    def cut_text(keep: int) -> Sample | None:
         text = sample.text[:offsets[min(keep, len(offsets)) - 1][1]]
-        if not text.strip():
-            break
-        new = replace(sample, text=text, meta={**sample.meta, "truncated": True})
+        return replace(sample, text=text, meta={**sample.meta, "truncated": True}) if text.strip() else None
+
+    fitted = _shrink_to_fit(cut_text, renderer, max_len)
+    return (*fitted, "truncated") if fitted else (None, None, "dropped")
+
+
+def _shrink_to_fit(cut, renderer: Renderer, max_len: int) -> tuple[Sample, Encoded] | None:
+    """The sample cut(keep) for the first `keep` tokens (from max_len down) whose encoding fits
+    max_len with a supervised token; None when cut gives up (returns None) or nothing fits.
+    Re-tokenising a cut text can shift a boundary token: shrink by the excess and retry."""
+    keep = max_len
+    for _ in range(8):
+        new = cut(keep)
+        if new is None:
+            return None
         enc = renderer.encode(new)
         if len(enc.tokens) <= max_len and enc.n_target > 0:
-            return new, enc, "truncated"
+            return new, enc
         keep -= max(1, len(enc.tokens) - max_len)
         if keep < 2:
-            break
-    return None, None, "dropped"
+            return None
+    return None
 
 
 def _whole_replies(sample: Sample, renderer: Renderer, max_len: int):

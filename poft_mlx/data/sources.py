@@ -217,22 +217,29 @@ def single_jsonl(spec: Any) -> Path | None:
 # ---------------------------------------------------------------------------- reading
 
 
-def load_records(spec: Any, data=None, *, seed: int = 0, preference: bool = False,
-                 key: str = "data.train") -> Loaded:
-    """Every record of `spec`, checked (all problems of all sources at once), the mixture drawn
-    by weight (module docstring). data: the DataConfig (column names, streaming)."""
-    ents = entries(spec, data)
-    streaming = bool(getattr(data, "streaming", False))
-    parts, problems = [], []
-    for e in ents:
+def _every(read, items) -> list:
+    """read(item) for every item, the record problems of all of them raised together as one
+    DataError (so a user sees every bad record of every source at once)."""
+    out, problems = [], []
+    for item in items:
         try:
-            parts.append(read_source(e, key=key, preference=preference, streaming=streaming))
+            out.append(read(item))
         except DataError as err:
             if not err.problems:
                 raise
             problems.extend(err.problems)
     if problems:
         raise DataError(problems)
+    return out
+
+
+def load_records(spec: Any, data=None, *, seed: int = 0, preference: bool = False,
+                 key: str = "data.train") -> Loaded:
+    """Every record of `spec`, checked (all problems of all sources at once), the mixture drawn
+    by weight (module docstring). data: the DataConfig (column names, streaming)."""
+    ents = entries(spec, data)
+    streaming = bool(getattr(data, "streaming", False))
+    parts = _every(lambda e: read_source(e, key=key, preference=preference, streaming=streaming), ents)
     records, report = [], []
     for i, (e, recs) in enumerate(zip(ents, parts)):
         picked = draw(recs, e.weight, seed, i)
@@ -272,17 +279,8 @@ def read_source(e: Entry, *, key: str = "data.train", preference: bool = False, 
         files = _files(path, key, split)
         if not files:
             raise _no_files(path, key, split)
-        out, problems = [], []
-        for f in files:
-            try:
-                out += _read_file(f, _kind(f), e.names, preference, streaming)
-            except DataError as err:
-                if not err.problems:
-                    raise
-                problems.extend(err.problems)
-        if problems:
-            raise DataError(problems)
-        return out
+        parts = _every(lambda f: _read_file(f, _kind(f), e.names, preference, streaming), files)
+        return [r for part in parts for r in part]
     if kind == "dataset" and split:
         raise InputMissing(f"{key}: {path} is one saved Dataset, without splits; name it without :{split}")
     if kind in ("dataset", "datasetdict"):

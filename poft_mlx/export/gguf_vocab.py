@@ -31,23 +31,17 @@ from typing import Any
 import gguf
 
 from ..errors import ExportError
+from ..models.gguf_tokenizer import LLAMA3_SPLIT, QWEN2_SPLIT
 
 TT = gguf.TokenType
-# Split regexes of the byte-level tokenizers llama.cpp names (its llama-vocab.cpp).
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+# The split regexes of the byte-level tokenizers llama.cpp names (its llama-vocab.cpp) are the
+# ones the GGUF reader rebuilds tokenizers with: one copy, in models/gguf_tokenizer.py.
 # The pre-tokenizer steps of tokenizer.json (see _steps) -> llama.cpp's tokenizer.ggml.pre.
 _PRE = {
     (("ByteLevel", True),): "gpt-2",
     (("Digits", True), ("ByteLevel", True)): "smollm",
-    (("Split", _QWEN2_SPLIT), ("ByteLevel", False)): "qwen2",
-    (("Split", _LLAMA3_SPLIT), ("ByteLevel", False)): "llama-bpe",
+    (("Split", QWEN2_SPLIT), ("ByteLevel", False)): "qwen2",
+    (("Split", LLAMA3_SPLIT), ("ByteLevel", False)): "llama-bpe",
 }
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 

@@ -24,7 +24,6 @@ multiple of 32 falls back to f16 (the Q blocks are 32 wide).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -39,7 +38,7 @@ import numpy as np
 
 from ..runtime import diskspace
 from ..errors import ExportError, WouldOverwrite
-from .gguf_vocab import add_vocab, read_vocab
+from .gguf_vocab import add_vocab, read_json_object, read_vocab
 
 QT = gguf.GGMLQuantizationType
 OUTTYPES = {  # outtype -> (matrix type, general.file_type)
@@ -318,13 +317,4 @@ def _add_metadata(writer: gguf.GGUFWriter, arch: gguf.MODEL_ARCH, hp: dict[str, 
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise ExportError(f"{path} is missing: not a model folder")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise ExportError(f"{path}: expected a JSON object")
-    return config
+    return read_json_object(folder / "config.json", "not a model folder")

@@ -16,7 +16,6 @@ llama.cpp adapter form; export those fused (export-gguf RUN OUT.gguf).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 
 from ..errors import ExportError, WouldOverwrite
 from .gguf import ARCHITECTURES, gguf_names, permute_rows
+from .gguf_vocab import read_json_object
 
 LORA_OUTTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
                  "bf16": gguf.GGMLQuantizationType.BF16}
@@ -53,7 +53,7 @@ def export_lora_gguf(run_dir: str | os.PathLike[str], out: str | os.PathLike[str
         raise WouldOverwrite(f"{out} already exists: choose another name or remove it (or --force)")
     run, adapter_dir = Path(run_dir), Path(run_dir) / "adapters"
     where = adapter_dir / "adapter_config.json"
-    adapter_config = _read_json(where, "the run's adapter config (is this a run folder?)")
+    adapter_config = read_json_object(where, "the run's adapter config (is this a run folder?)")
     kind = adapter_config.get("fine_tune_type", "lora")
     if kind != "lora":
         raise ExportError(f"{where}: fine_tune_type {kind!r} has no llama.cpp adapter form; "
@@ -69,7 +69,7 @@ def export_lora_gguf(run_dir: str | os.PathLike[str], out: str | os.PathLike[str
     if base_dir is None:
         raise ExportError(f"{where}: base model {adapter_config.get('model')!r} ('model') is not on this "
                           "machine; pass the base model folder (--base): its config.json gives the architecture")
-    config = _read_json(base_dir / "config.json", "the base model folder's config")
+    config = read_json_object(base_dir / "config.json", "the base model folder's config")
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
         raise ExportError(f"{base_dir / 'config.json'}: model_type {model_type!r} is not supported for GGUF "
@@ -160,15 +160,3 @@ def _find_base(ref: str | os.PathLike[str] | None) -> Path | None:
         return Path(snapshot_download(str(ref), local_files_only=True))
     except Exception:  # not a Hub id, or not cached
         return None
-
-
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise ExportError(f"{path} is missing: {what}")
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise ExportError(f"{path}: expected a JSON object")
-    return value

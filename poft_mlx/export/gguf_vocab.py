@@ -67,13 +67,9 @@ def read_vocab(folder: str | Path, n_rows: int) -> Vocab:
     """The GGUF tokenizer of model folder `folder` whose embedding has `n_rows` rows."""
     folder = Path(folder)
     path = folder / "tokenizer.json"
-    if not path.is_file():
-        raise ExportError(f"{path} is missing: GGUF export needs the fast tokenizer file (tokenizer.json)")
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{path} is not valid JSON: {e}") from None
-    config = _json(folder / "tokenizer_config.json")
+    spec = read_json_object(path,
+                            "GGUF export needs the fast tokenizer file (tokenizer.json)")
+    config = read_json_object(folder / "tokenizer_config.json")
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
         raise ExportError(f"{path}: model.type {model.get('type')!r} is not supported; supported: BPE "
@@ -120,7 +116,7 @@ def add_vocab(writer: gguf.GGUFWriter, vocab: Vocab) -> None:
 
 def chat_template(folder: Path, config: dict[str, Any] | None = None) -> str | None:
     """The folder's template: tokenizer_config.json's (where fuse writes the run's), else chat_template.jinja."""
-    config = _json(folder / "tokenizer_config.json") if config is None else config
+    config = read_json_object(folder / "tokenizer_config.json") if config is None else config
     template = config.get("chat_template")
     if template is None and (folder / "chat_template.jinja").is_file():
         template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
@@ -217,7 +213,7 @@ def _space_prefix(spec: dict[str, Any]) -> bool:
 def _special_ids(folder: Path, config: dict[str, Any], tokens: list[str]) -> dict[str, int]:
     """bos / eos / unk / pad ids: tokenizer_config.json's tokens, else config.json's ids."""
     ids = {t: i for i, t in reversed(list(enumerate(tokens)))}
-    model_config = _json(folder / "config.json")
+    model_config = read_json_object(folder / "config.json")
     out = {}
     for kind, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unk"), ("pad", "pad")):
         entry = config.get(f"{key}_token")
@@ -248,9 +244,13 @@ def _adds_specials(folder: Path, special: dict[str, int]) -> tuple[bool, bool]:
     return bool(add_bos), bool(add_eos)
 
 
-def _json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path, missing: str | None = None) -> dict[str, Any]:
+    """The JSON object in `path`, ExportError naming the file when it is not one; a missing file is
+    {} when `missing` is None, else an ExportError saying what the file is (`missing`)."""
     if not path.is_file():
-        return {}
+        if missing is None:
+            return {}
+        raise ExportError(f"{path} is missing: {missing}")
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

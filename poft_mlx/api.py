@@ -25,7 +25,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from .config import Config, load_config, read_yaml
+from .config import Config, load_config, merge_trees, read_yaml, set_dotted
 from .evaluation.answers import markdown, run_generation_eval
 from .evaluation.likelihood import run_eval
 from .export.fuse import fuse_run
@@ -58,11 +58,11 @@ def configure(*files: str | Path, base: dict | Config | None = None, **settings:
     if base is not None:
         tree = dataclasses.asdict(base) if isinstance(base, Config) else dict(base)
     for path in files:
-        tree = _merge(tree, read_yaml(path))
+        tree = merge_trees(tree, read_yaml(path))
     aligned = settings.pop("aligned", None)
     for key, value in settings.items():
         for dotted, v in _flatten(key, value):
-            _set(tree, dotted, v)
+            set_dotted(tree, dotted, v)
     if aligned is not None:
         tree["aligned"] = [a if isinstance(a, dict) else {"model": str(a)} for a in aligned]
     return load_config(base=tree)
@@ -139,17 +139,3 @@ def fuse(run: str | Path, out: str | Path, *, dequantize: bool = True, check: bo
 def push(path: str | Path, repo_id: str, *, private: bool = False, dry_run: bool = False) -> list:
     """Upload a fused or PEFT folder to the Hub with a model card (dry_run: show what would go)."""
     return hub_push(path, repo_id, private=private, dry_run=dry_run)
-
-
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _set(tree: dict, dotted: str, value: Any) -> None:
-    *parents, last = dotted.split(".")
-    for p in parents:
-        tree = tree.setdefault(p, {})
-    tree[last] = value

@@ -345,17 +345,18 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def _merge(base: dict, update: dict) -> dict:
+def merge_trees(base: dict, update: dict) -> dict:
+    """`update` over `base`, section by section (data.template_kwargs is one value, replaced whole)."""
     out = dict(base)
     for k, v in update.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "template_kwargs":
-            out[k] = _merge(out[k], v)
+            out[k] = merge_trees(out[k], v)
         else:
             out[k] = v
     return out
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
     for p in parts[:-1]:
@@ -408,13 +409,13 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = (), base: d
     for f in files:
         data = read_yaml(f)
         try:
-            check_bounds(build(Config, _merge(tree, data)))  # validate each file on its own, to name it
+            check_bounds(build(Config, merge_trees(tree, data)))  # validate each file on its own, to name it
         except ConfigError as e:
             raise ConfigError(f"{f}: {e}") from None
-        tree = _merge(tree, data)
+        tree = merge_trees(tree, data)
     for item in overrides:
         key, value = parse_override(item)
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     try:
         return check_bounds(build(Config, tree))
     except ConfigError as e:

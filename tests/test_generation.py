@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from poft_mlx.cli.main import main
-from poft_mlx.evaluation.answers import bootstrap_diff, bootstrap_mean, gsm8k_answer, regex_answer
+from poft_mlx.evaluation.answers import bootstrap_diff, bootstrap_mean, gsm8k_answer, gsm8k_answer_end, regex_answer
 from tiny import write_tiny_config
 
 
@@ -49,6 +49,25 @@ def test_gsm8k_extractor_on_the_real_test_split():
 ])
 def test_gsm8k_extractor_on_replies(reply, answer):
     assert gsm8k_answer(reply) == answer
+
+
+def test_gsm8k_answer_end_on_the_real_test_split():
+    """A reply that is a real reference followed by what a small model loops on ends right after
+    the reference's '#### N' line, and grades as the reference; no reply ends before its number
+    is complete (no newline yet) or mid-way through the reasoning."""
+    from poft_mlx.data.builtin import gsm8k_records
+
+    for r in gsm8k_records():
+        ref = r["messages"][-1]["content"].rstrip()
+        assert gsm8k_answer_end(ref) is None  # the number may still go on
+        looped = ref + "\n#### 7\nQuestion: and then?\n"
+        end = gsm8k_answer_end(looped)
+        assert looped[:end] == ref, ref[-60:]
+        assert gsm8k_answer(looped[:end]) == gsm8k_answer(ref)
+        body = ref.rsplit("####", 1)[0]
+        assert gsm8k_answer_end(body) is None
+    assert gsm8k_answer_end("so 36 - 5 = 31.\n####   $1,000.50 \nmore") == len("so 36 - 5 = 31.\n####   $1,000.50")
+    assert gsm8k_answer_end("#### \n#### 12\n") == len("#### \n#### 12")  # the first line has no number
 
 
 def test_regex_extractor_takes_the_last_match_and_its_group():
@@ -196,6 +215,29 @@ def test_stop_strings_end_a_reply_where_the_text_first_contains_one(tiny_models)
     n = next(i for i in range(1, 13) if stop in gen.tokenizer.decode(free[0].tokens[:i]))
     assert got[0].tokens == free[0].tokens[:n] and n < 12
     assert got[1].tokens == free[1].tokens and got[1].text == free[1].text
+
+
+def test_answer_end_ends_each_reply_where_its_answer_is_complete(tiny_models):
+    """generate(answer_end=...): every reply stops at the first token after which answer_end finds
+    the answer complete, its text cut at the index it gives; a reply where it never does runs on."""
+    from poft_mlx.models.generation import generate, open_generator
+
+    gen = open_generator(str(tiny_models["target"]), chat_template="gemma")
+    convs = [[{"role": "user", "content": p}] for p in ("Hello!", "What is 7 plus 2?")]
+    free = generate(gen, convs, max_tokens=12)
+    k = len(gen.tokenizer.decode(free[0].tokens[:5]))
+    mark = free[0].text[:k]
+    assert k >= 2 and len(free[0].tokens) == 12
+
+    def answer_end(text):  # "complete" once the first reply's first 5 tokens are there; cut one char short
+        return k - 1 if text.startswith(mark) else None
+
+    got = generate(gen, convs, max_tokens=12, answer_end=answer_end)
+    n = next(i for i in range(1, 13) if gen.tokenizer.decode(free[0].tokens[:i]).startswith(mark))
+    assert n <= 5 and got[0].tokens == free[0].tokens[:n] and got[0].finish == "stop"
+    assert got[0].text == mark[:k - 1]
+    if not free[1].text.startswith(mark):
+        assert got[1].tokens == free[1].tokens and got[1].text == free[1].text
 
 
 def test_quickstart_runs_end_to_end_and_reports_generation(tmp_path, tiny_models):

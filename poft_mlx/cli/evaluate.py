@@ -38,6 +38,8 @@ from .common import config_options, echo_once, flag_options, heldout_file, load,
               help="With --generate: how to check answers: gsm8k (the final number), none, re:PATTERN "
                    "(applied to reply and reference; the last match's first group), auto (gsm8k when every "
                    "reference has '#### N').")
+@click.option("--stop-at-answer/--full-replies", default=True, show_default=True,
+              help="With --generate and gsm8k answers: end each reply after its first '#### N' line.")
 @click.option("--max-tokens", default=256, show_default=True, help="With --generate: most tokens per reply.")
 @click.option("--gen-batch-size", default=8, show_default=True, help="With --generate: prompts decoded together.")
 @click.option("--temp", "temperature", default=0.0, show_default=True, help="With --generate: 0 = greedy.")
@@ -53,7 +55,7 @@ from .common import config_options, echo_once, flag_options, heldout_file, load,
               help="With --lm-eval: render prompts with the model's chat template (default: raw text).")
 @click.argument("runs", nargs=-1, type=click.Path(file_okay=False, exists=True))
 def eval_cmd(configs, overrides, flags, print_config_only, data, adapter_paths, base, json_out, gen, out_dir, answer,
-             max_tokens, gen_batch_size, temperature, limit, lm_tasks, lm_eval_include, lm_eval_limit, lm_eval_fewshot,
+             stop_at_answer, max_tokens, gen_batch_size, temperature, limit, lm_tasks, lm_eval_include, lm_eval_limit, lm_eval_fewshot,
              lm_eval_chat_template, runs):
     """Compare the base model and RUNS (run folders) on held-out data, side by side.
 
@@ -92,7 +94,7 @@ def eval_cmd(configs, overrides, flags, print_config_only, data, adapter_paths, 
     rows = {name: {} for name in models}
     if gen:
         result = run(run_generation_eval, models, data, out_dir, answer=answer, max_tokens=max_tokens,
-                     batch_size=gen_batch_size, temperature=temperature, limit=limit,
+                     batch_size=gen_batch_size, temperature=temperature, limit=limit, stop_at_answer=stop_at_answer,
                      log=lambda m: click.echo(m, err=True))
         click.echo(markdown(result))
         click.echo(f"written: {Path(out_dir) / 'eval.md'}, eval.json, eval.html (the answers side by side)")

@@ -36,8 +36,11 @@ def _open(source, chat_template, adapter_path):
 @click.option("-p", "--prompt", "prompts", multiple=True, required=True,
               help="A user message (repeatable: the prompts are decoded as one batch).")
 @click.option("--batch-size", default=8, show_default=True, help="Prompts decoded together.")
+@click.option("--answer", type=click.Choice(["none", "gsm8k"]), default="none", show_default=True,
+              help="gsm8k: end each reply after its first '#### N' line (the final answer), as eval --generate does.")
 @_decoding
-def generate(source, prompts, batch_size, max_tokens, temperature, top_p, seed, system, chat_template, adapter_path):
+def generate(source, prompts, batch_size, answer, max_tokens, temperature, top_p, seed, system, chat_template, adapter_path):
+    from ..evaluation.answers import gsm8k_answer_end
     from ..models.generation import StreamPrinter, generate as gen_replies  # lazy: keeps --help fast
 
     gen = _open(source, chat_template, adapter_path)
@@ -47,7 +50,7 @@ def generate(source, prompts, batch_size, max_tokens, temperature, top_p, seed, 
     if len(prompts) == 1:
         stream = StreamPrinter(gen.tokenizer, lambda s: click.echo(s, nl=False))
     replies = run(gen_replies, gen, convs, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                   batch_size=batch_size, on_token=stream)
+                   batch_size=batch_size, on_token=stream, answer_end=gsm8k_answer_end if answer == "gsm8k" else None)
     if stream is not None:
         stream.finish()
         click.echo("")

@@ -59,6 +59,19 @@ def gsm8k_answer(text: str) -> str | None:
     return str(int(value)) if value == int(value) else repr(value).rstrip("0").rstrip(".")
 
 
+# A complete final-answer line: '#### 18', '#### $1,000.50' ... then a newline.
+GSM8K_ANSWER_LINE = re.compile(r"####[^\S\n]*\$?-?\d[\d,]*(?:\.\d+)?[^\S\n]*\n")
+
+
+def gsm8k_answer_end(text: str) -> int | None:
+    """Where a GSM8K-style reply has given its answer: the end of its first complete '#### N'
+    line (the newline after it ends the number), or None while it has not. Generation stops
+    there, as lm-evaluation-harness's gsm8k tasks stop at their next-question marker: the
+    graded answer is that line's number, and what a small model loops on after it is noise."""
+    m = GSM8K_ANSWER_LINE.search(text)
+    return None if m is None else len(text[:m.end()].rstrip())
+
+
 def regex_answer(pattern: str) -> Callable[[str], str | None]:
     """An extractor from a regex: the last match's first group (or the whole match), stripped."""
     try:
@@ -158,9 +171,9 @@ def aligned_scores(cfg, prompts: list[Prompt], replies: list[str], log=print) ->
 
 
 def generate_for(gen, prompts: list[Prompt], extract, *, max_tokens: int, batch_size: int,
-                 temperature: float, seed: int) -> dict:
+                 temperature: float, seed: int, answer_end=None) -> dict:
     replies = generate(gen, [p.messages for p in prompts], max_tokens=max_tokens, batch_size=batch_size,
-                       temperature=temperature, seed=seed)
+                       temperature=temperature, seed=seed, answer_end=answer_end)
     per = {"reply": [r.text for r in replies],
            "reply_tokens": [float(len(r.tokens)) for r in replies],
            "stopped": [float(r.finish == "stop") for r in replies]}
@@ -190,11 +203,12 @@ def summarize(models: dict[str, dict], likelihood: dict[str, dict], seed: int = 
 
 def run_generation_eval(configs: dict, data, out_dir: str | Path, *, answer: str = "auto",
                         max_tokens: int = 256, batch_size: int = 8, temperature: float = 0.0, seed: int = 0,
-                        limit: int | None = None, log=print) -> dict:
+                        limit: int | None = None, stop_at_answer: bool = True, log=print) -> dict:
     """Generate with every model in `configs` ({name: (Config, adapter_path or None)}) and compare.
 
     Writes eval.json, eval.md and eval.html to out_dir; returns the summary (see summarize).
     data: any data source (data/sources.py); None: the first config's data.test.
+    stop_at_answer: with answer="gsm8k", a reply ends after its first '#### N' line (gsm8k_answer_end).
     """
     first = next(iter(configs.values()))[0]
     data = data or first.data.test
@@ -206,6 +220,7 @@ def run_generation_eval(configs: dict, data, out_dir: str | Path, *, answer: str
     if answer == "auto":
         answer = "gsm8k" if prompts and all("####" in p.reference for p in prompts) else "none"
     extract = extractor(answer)
+    answer_end = gsm8k_answer_end if stop_at_answer and answer == "gsm8k" else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     per_model, likelihood = {}, {}
@@ -213,7 +228,7 @@ def run_generation_eval(configs: dict, data, out_dir: str | Path, *, answer: str
         log(f"eval: {name}: generating {len(prompts)} replies (max {max_tokens} tokens)")
         gen = open_generator(name, cfg=cfg, adapter_path=adapters)
         per_model[name] = generate_for(gen, prompts, extract, max_tokens=max_tokens, batch_size=batch_size,
-                                       temperature=temperature, seed=seed)
+                                       temperature=temperature, seed=seed, answer_end=answer_end)
         per_model[name]["chat_template"] = gen.source["chat_template"]
         likelihood[name] = run_eval(cfg, data, adapters, loaded=gen.loaded)
         del gen
@@ -225,7 +240,7 @@ def run_generation_eval(configs: dict, data, out_dir: str | Path, *, answer: str
         per_model[name]["aligned_lp"] = aligned_scores(first_cfg, prompts, per_model[name]["reply"], log=log).tolist()
     summary = summarize(per_model, likelihood, seed=seed)
     summary["settings"] = {"data": describe(data), "samples": len(prompts), "answer": answer, "max_tokens": max_tokens,
-                           "temperature": temperature, "seed": seed,
+                           "stop_at_answer": answer_end is not None, "temperature": temperature, "seed": seed,
                            "aligned": [a.model for a in first_cfg.aligned]}
     result = {**summary, "samples": [
         {"source": p.source, "prompt": p.messages, "reference": p.reference,

@@ -123,25 +123,32 @@ def stop_tokens(tokenizer, renderer: Renderer) -> list[int]:
 
 def generate(gen: Generator, conversations: list[list[dict]], *, max_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
-             on_token: Callable[[int, int], None] | None = None) -> list[Reply]:
+             on_token: Callable[[int, int], None] | None = None,
+             answer_end: Callable[[str], int | None] | None = None) -> list[Reply]:
     """Replies to each conversation (its last turn is the user's), in order.
 
     Greedy at temperature 0, else sampled (mlx-lm's sampler, top_p) from `seed`. batch_size
     sequences decode together (continuous batching: a finished one is replaced by the next).
     on_token(i, token) is called for every generated token of conversation i (streaming).
+    answer_end(text) (optional) says where a reply has given its answer (a character index,
+    or None while it has not): the reply ends there (e.g. evaluation.answers.gsm8k_answer_end).
     """
     prompts = [gen.prompt_tokens(m) for m in conversations]
     return generate_tokens(gen.model, gen.tokenizer, prompts, gen.stop_ids, max_tokens=max_tokens,
-                           temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, on_token=on_token)
+                           temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, on_token=on_token,
+                           answer_end=answer_end)
 
 
 def generate_tokens(model, tokenizer, prompts: list[list[int]], stop_ids: Iterable[int], *, max_tokens: int = 256,
                     temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
                     on_token: Callable[[int, int], None] | None = None,
-                    stop_strings: list[list[str]] | None = None) -> list[Reply]:
+                    stop_strings: list[list[str]] | None = None,
+                    answer_end: Callable[[str], int | None] | None = None) -> list[Reply]:
     """Replies to token prompts. stop_strings[i] (optional) ends prompt i's reply at the first
     occurrence of any of its strings in the decoded text; the reply's text is cut there (its
-    tokens are those generated up to and including the one that completed the string)."""
+    tokens are those generated up to and including the one that completed the string).
+    answer_end (optional, every prompt) ends a reply once answer_end(decoded text) gives the
+    index where its answer is complete; the text is cut at that index, the tokens as above."""
     from mlx_lm.generate import BatchGenerator  # lazy: mlx-lm's import is slow
     from mlx_lm.sample_utils import make_sampler
 
@@ -164,9 +171,10 @@ def generate_tokens(model, tokenizer, prompts: list[list[int]], stop_ids: Iterab
                     out[r.uid].append(r.token)
                     if on_token is not None:
                         on_token(index[r.uid], r.token)
-                    if stop_strings and stop_strings[index[r.uid]] and r.finish_reason is None:
+                    stops = stop_strings[index[r.uid]] if stop_strings else None
+                    if (stops or answer_end is not None) and r.finish_reason is None:
                         text = tokenizer.decode(out[r.uid])
-                        if any(s in text for s in stop_strings[index[r.uid]]):
+                        if (stops and any(s in text for s in stops)) or (answer_end and answer_end(text) is not None):
                             bg.remove([r.uid])
                             finish[r.uid] = "stop"
                             continue
@@ -179,6 +187,9 @@ def generate_tokens(model, tokenizer, prompts: list[list[int]], stop_ids: Iterab
         for s in (stop_strings[i] if stop_strings else None) or []:
             if s in r.text:
                 r.text = r.text[:r.text.index(s)]
+        end = answer_end(r.text) if answer_end is not None else None
+        if end is not None:
+            r.text = r.text[:end]
     return replies
 
 

@@ -35,6 +35,14 @@ def _diff(c: dict) -> None:
     assert len(c["per_seed"]) == replicate.SCALES["tiny"]["seeds"]
 
 
+def test_detectable_difference_by_hand():
+    """80 % power at two-sided 5 %: (1.96 + 0.8416) standard errors, each SE = 95 % width / 3.92;
+    the wider interval decides; an interval that is missing gives none."""
+    assert replicate.detectable({"lo": -0.196, "hi": 0.196}) == pytest.approx(0.28016)
+    assert replicate.detectable({"lo": 0.0, "hi": 0.196}, {"lo": -0.196, "hi": 0.196}) == pytest.approx(0.28016)
+    assert replicate.detectable({"lo": None, "hi": 1.0}) is None
+
+
 def test_replicate_tiny(tmp_path, tiny_models):
     pytest.importorskip("matplotlib")
     out = tmp_path / "out"
@@ -65,6 +73,7 @@ def test_replicate_tiny(tmp_path, tiny_models):
     assert [r["noise"] for r in T["primary"]["rows"]] == tags and all(r["epoch"] == E for r in T["primary"]["rows"])
     # Paired by seed and prompt: the primary difference is the mean of the per-seed differences.
     for r in T["primary"]["rows"]:
+        assert r["poft_minus_sft"]["detectable"] > 0
         d = r["poft_minus_sft"]
         assert d["diff"] == pytest.approx(np.mean(list(d["per_seed"].values())))
         assert isinstance(d["detected"], bool)

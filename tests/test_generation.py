@@ -262,6 +262,27 @@ def test_quickstart_runs_end_to_end_and_reports_generation(tmp_path, tiny_models
     assert ex.startswith("Q: ") and all(f"\n{m}" in ex for m in ("base", "poft", "sft"))
 
 
+def test_quickstart_command_prints_a_hint_that_runs(tmp_path, tiny_models, monkeypatch):
+    """`poft-mlx quickstart` (tiny models, tiny sizes) ends with a `poft-mlx generate` command; run as
+    printed, it loads the PoFT run with the template it trained with and prints a reply."""
+    import shlex
+
+    import poft_mlx.recipes.quickstart as qs
+
+    monkeypatch.setattr(qs, "SIZES", {"train": 8, "valid": 4, "test": 3})
+    monkeypatch.setattr(qs, "GENERATE", {"max_tokens": 6, "batch_size": 3})
+    out = invoke("quickstart", "--out", tmp_path / "qs", "--set", f"model={tiny_models['target']}",
+                 "--set", f"aligned=[{{model: {tiny_models['aligned_a']}}}]", "--set", "data.max_seq_length=512",
+                 "--set", "train.epochs=1", "--set", "score.batch_size=4").output
+    hint = next(line for line in out.splitlines() if line.startswith("try it:"))
+    argv = shlex.split(hint.removeprefix("try it:"))
+    assert argv[:2] == ["poft-mlx", "generate"] and argv[2] == str(tmp_path / "qs" / "poft")
+    assert "--answer" in argv and argv[argv.index("-p") + 1] == "Tom has 3 boxes of 12 pencils and gives away 5. " \
+        "How many pencils are left?"
+    reply = invoke(*argv[1:], "--max-tokens", 8).output
+    assert reply.strip()
+
+
 def test_chat_keeps_the_history_and_resets(tiny_run, monkeypatch):
     """Two turns, /reset, one more turn: the second prompt holds the first exchange, the third does not."""
     import poft_mlx.models.generation as generation

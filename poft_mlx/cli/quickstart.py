@@ -6,6 +6,9 @@ import click
 
 from .common import run
 
+# The closing hint's question: GSM8K-like, one step more than trivial.
+HINT_QUESTION = "Tom has 3 boxes of 12 pencils and gives away 5. How many pencils are left?"
+
 
 @click.command()
 @click.option("--out", default="runs/quickstart", show_default=True, type=click.Path(file_okay=False),
@@ -28,6 +31,5 @@ def quickstart(out, overrides):
     click.echo("One example:\n" + example_answers(ev))
     poft = result["runs"]["poft"]
     click.echo(f"\nanswers side by side: {result['eval_dir'] / 'eval.html'}   tables: {result['eval_dir'] / 'eval.md'}")
-    click.echo(f"try it:  poft-mlx generate {poft} -p 'Tom has 3 boxes of 12 pencils and gives away 5. "
-               "How many pencils are left?'")
+    click.echo(f"try it:  poft-mlx generate {poft} --answer gsm8k -p '{HINT_QUESTION}'")
     click.echo(f"finished in {result['seconds'] / 60:.1f} min; everything is in {result['out']}")

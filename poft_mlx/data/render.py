@@ -131,7 +131,8 @@ class Renderer:
             # ("is") also occurs in the template's own markup ("assistant"), and a template
             # may ignore add_generation_prompt. Rendering a placeholder reply in its place
             # gives the text before and after it exactly.
-            through = self.apply(messages[: i + 1], False, tools)
+            # the last message's prefix is the whole conversation: rendered once, above
+            through = full if i == len(messages) - 1 else self.apply(messages[: i + 1], False, tools)
             probe = self.apply(messages[:i] + [{"role": "assistant", "content": PLACEHOLDER}], False, tools)
             if probe.count(PLACEHOLDER) != 1:
                 raise TemplateError(
@@ -178,42 +179,90 @@ class Renderer:
     def encode(self, sample: Sample) -> Encoded:
         if sample.text is not None:
             return self._encode_text(sample)
+        full, turns = self.render(sample)
+        ids, offsets = self.tokenize([full], add_special_tokens=False)[0]
+        return Encoded(ids, self.span_mask(ids, offsets, turns, sample.meta.get("truncated", False)))
+
+    def render(self, sample: Sample) -> tuple[str, list[Turn]]:
+        """A conversation's full rendering and its supervised turns (errors as encode raises them)."""
         if sample.tools and self.apply(sample.messages, False, sample.tools) == self.apply(sample.messages, False):
             raise TemplateError(f"{self.label}: the chat template ignores `tools` ({sample.source} has "
                                 f"{len(sample.tools)}); use a model or chat_template that supports tool calling")
-        full, turns = self.turns(sample.messages, sample.tools)
-        enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
-        ids = np.asarray(enc["input_ids"], dtype=np.int32)
-        offsets = enc["offset_mapping"]
-        mask = np.zeros(len(ids), dtype=bool)
-        truncated = sample.meta.get("truncated", False)
+        return self.turns(sample.messages, sample.tools)
+
+    def tokenize(self, texts: list[str], *, add_special_tokens: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(ids int32 [L], char offsets int64 [L, 2]) of each text, as tokenizer(text,
+        return_offsets_mapping=True) gives them; one encode_batch call of the Rust tokenizer (its
+        threads, without the GIL) where the tokenizer is a plain fast one, else text by text."""
+        backend = self._backend()
+        if backend is not None:
+            encs = backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+            return [(np.asarray(e.ids, np.int32), np.asarray(e.offsets, np.int64).reshape(-1, 2)) for e in encs]
+        out = []
+        for text in texts:
+            enc = self.tok(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+            out.append((np.asarray(enc["input_ids"], np.int32),
+                        np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)))
+        return out
+
+    def _backend(self):
+        """The `tokenizers` object that tokenizer(...) would call with these very settings, or None.
+
+        transformers' fast tokenizer calls backend.encode_batch after switching truncation and
+        padding off and setting encode_special_tokens to its split_special_tokens: calling it
+        directly is the same only when those already hold (checked on every call, since a
+        caller may change them)."""
+        backend = getattr(self.tok, "backend_tokenizer", None)
+        if backend is None or not hasattr(backend, "encode_batch"):
+            return None
+        if backend.truncation is not None or backend.padding is not None:
+            return None
+        if backend.encode_special_tokens != bool(getattr(self.tok, "split_special_tokens", False)):
+            return None
+        return backend
+
+    def span_mask(self, ids: np.ndarray, offsets: np.ndarray, turns: list[Turn], truncated: bool) -> np.ndarray:
+        """bool [L]: each turn's content tokens (those overlapping [content_start, content_end)) and
+        the first special token after them within the turn's rendering (its end-of-turn token),
+        except after the last turn of a reply cut by truncation (it did not end there)."""
+        n = len(ids)
+        mask = np.zeros(n, dtype=bool)
+        if n == 0:
+            return mask
+        starts, ends = offsets[:, 0], offsets[:, 1]
+        special = np.isin(ids, self._special_array())
+
+        def first(cond: np.ndarray, start: int) -> int:  # first index >= start where cond holds, else n
+            hit = np.flatnonzero(cond[start:])
+            return start + int(hit[0]) if len(hit) else n
+
         for k, turn in enumerate(turns):
-            t = 0
-            while t < len(ids) and offsets[t][1] <= turn.content_start:
-                t += 1
-            while t < len(ids) and offsets[t][0] < turn.content_end:
-                mask[t] = True
-                t += 1
-            # The end-of-turn token closes the reply: supervise the first special token
-            # between the content and the end of this message's rendering, unless the
-            # reply was cut by truncation (it did not end there).
+            t = first(ends > turn.content_start, 0)
+            u = first(starts >= turn.content_end, t)
+            mask[t:u] = True
             if truncated and k == len(turns) - 1:
                 continue
-            while t < len(ids) and offsets[t][0] < turn.turn_end:
-                if int(ids[t]) in self.special_ids:
-                    mask[t] = True
-                    break
-                t += 1
+            v = first(starts >= turn.turn_end, u)
+            eot = first(special[:v], u) if u < v else n
+            if eot < v:
+                mask[eot] = True
         mask[0] = False  # the first token has no context to predict it from
-        return Encoded(ids, mask)
+        return mask
+
+    def _special_array(self) -> np.ndarray:
+        if getattr(self, "_specials", None) is None:
+            self._specials = np.array(sorted(self.special_ids), np.int64)
+        return self._specials
 
     def text_ids(self, text: str) -> tuple[list[int], list]:
         """A text record's tokens (the tokenizer's BOS, if it adds one) and their char offsets."""
-        enc = self.tok(text, add_special_tokens=True, return_offsets_mapping=True)
-        return list(enc["input_ids"]), enc["offset_mapping"]
+        ids, offsets = self.tokenize([text], add_special_tokens=True)[0]
+        return ids.tolist(), offsets.tolist()
 
-    def _encode_text(self, sample: Sample) -> Encoded:
-        ids, _ = self.text_ids(sample.text)
+    def _encode_text(self, sample: Sample, ids: list[int] | None = None) -> Encoded:
+        """ids: the text's tokens (text_ids) when already known."""
+        if ids is None:
+            ids, _ = self.text_ids(sample.text)
         eos = getattr(self.tok, "eos_token_id", None)
         # EOS closes a whole document (mlx-lm's text format); a cut one did not end there.
         if eos is not None and not sample.meta.get("truncated") and (not ids or ids[-1] != eos):
@@ -222,10 +271,12 @@ class Renderer:
         mask[0] = False
         return Encoded(np.asarray(ids, dtype=np.int32), mask)
 
-    def char_to_turn(self, sample: Sample, char: int) -> tuple[int, int] | None:
+    def char_to_turn(self, sample: Sample, char: int, turns: list[Turn] | None = None) -> tuple[int, int] | None:
         """Map a char offset of the full rendering to (message index, content offset); None
-        outside any reply and inside a turn with tool calls (a call is never cut)."""
-        _, turns = self.turns(sample.messages, sample.tools)
+        outside any reply and inside a turn with tool calls (a call is never cut). turns: the
+        sample's (Renderer.turns), when already known."""
+        if turns is None:
+            _, turns = self.turns(sample.messages, sample.tools)
         for turn in turns:
             if turn.calls:
                 continue
@@ -252,15 +303,23 @@ def fit_length(sample: Sample, renderer: Renderer, max_len: int, policy: str, *,
     enc = renderer.encode(sample)
     if len(enc.tokens) <= max_len:
         return sample, enc, "ok"
+    return fit_overlong(sample, renderer, max_len, policy, earlier_replies=earlier_replies)
+
+
+def fit_overlong(sample: Sample, renderer: Renderer, max_len: int, policy: str, *, earlier_replies: bool = False,
+                 offsets=None, turns: list[Turn] | None = None) -> tuple[Sample | None, Encoded | None, str]:
+    """fit_length's answer for a sample whose encoding is longer than max_len. offsets (char
+    offsets of its tokens) and turns (a conversation's Renderer.turns): when already known."""
     if policy == "drop":
         return None, None, "dropped"
     if sample.text is not None:
-        return _cut_text(sample, renderer, max_len)
-    full = renderer.apply(sample.messages, False, sample.tools)
-    offsets = renderer.tok(full, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return _cut_text(sample, renderer, max_len, offsets)
+    if offsets is None:
+        full = renderer.apply(sample.messages, False, sample.tools)
+        offsets = renderer.tokenize([full], add_special_tokens=False)[0][1]
 
     def cut_reply(keep: int) -> Sample | None:
-        where = renderer.char_to_turn(sample, offsets[keep - 1][1])
+        where = renderer.char_to_turn(sample, int(offsets[keep - 1][1]), turns)
         content = sample.messages[where[0]]["content"][:where[1]].rstrip() if where else ""
         if not content:  # the cut falls outside any reply (a long prompt), or at its very start
             return None
@@ -275,12 +334,13 @@ def fit_length(sample: Sample, renderer: Renderer, max_len: int, policy: str, *,
     return None, None, "dropped"
 
 
-def _cut_text(sample: Sample, renderer: Renderer, max_len: int):
+def _cut_text(sample: Sample, renderer: Renderer, max_len: int, offsets=None):
     """A text record cut at a token boundary to fit `max_len` tokens (no EOS: it did not end)."""
-    _, offsets = renderer.text_ids(sample.text)
+    if offsets is None:
+        _, offsets = renderer.text_ids(sample.text)
 
     def cut_text(keep: int) -> Sample | None:
-        text = sample.text[:offsets[min(keep, len(offsets)) - 1][1]]
+        text = sample.text[:int(offsets[min(keep, len(offsets)) - 1][1])]
         return replace(sample, text=text, meta={**sample.meta, "truncated": True}) if text.strip() else None
 
     fitted = _shrink_to_fit(cut_text, renderer, max_len)

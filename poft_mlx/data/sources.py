@@ -419,7 +419,18 @@ def _content(e: Entry, key: str, data) -> str:
     return h.hexdigest()
 
 
+_SHA256: dict[tuple, str] = {}  # (path, size, mtime, inode) -> sha256: a run hashes its data more than once
+
+
 def _sha256(path: Path) -> str:
+    st = os.stat(path)
+    memo = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if memo not in _SHA256:
+        _SHA256[memo] = _sha256_of(path)
+    return _SHA256[memo]
+
+
+def _sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

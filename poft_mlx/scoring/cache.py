@@ -23,16 +23,14 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from ..data.batched import fit_many
+from ..data.encoding_cache import content_key, home  # noqa: F401  (home: re-exported for references)
 from ..models.modeling import make_batch, sequence_logprobs
 from ..runtime import diskspace
 from ..runtime import distributed as dist
 from ..runtime.device import backend
 
 SCORE_FORMAT = 1
-
-
-def home() -> Path:
-    return Path(os.environ.get("POFT_MLX_HOME", Path.home() / ".cache" / "poft-mlx"))
 
 
 def score_dtype(requested: str) -> str:
@@ -63,8 +61,7 @@ def cache_key(identity: str, template: str | None, span: str, template_kwargs: d
         "template_kwargs": template_kwargs,
         "max_seq_length": max_len,
     }
-    key = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:24]
-    return key, desc
+    return content_key(desc), desc
 
 
 class ScoreCache:
@@ -167,13 +164,14 @@ def score_samples(loaded, renderer, samples, cache: ScoreCache, *, batch_size: i
     ranks share a file system.
     """
     todo, too_long = [], []
-    seen = set()
+    seen, unique = set(), []
     for i in missing_indices(cache, samples, group):
         s = samples[i]
-        if s.uid in seen:
-            continue
-        seen.add(s.uid)
-        enc = renderer.encode(s)
+        if s.uid not in seen:
+            seen.add(s.uid)
+            unique.append(s)
+    # fit_many at an unbounded length: renderer.encode of each, batched
+    for s, (_, enc, _) in zip(unique, fit_many(unique, renderer, 1 << 62, "truncate")):
         if max_len and len(enc.tokens) > max_len:
             too_long.append(s)
             continue

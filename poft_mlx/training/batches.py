@@ -32,10 +32,14 @@ class EncodedData:
 
     def lengths(self) -> np.ndarray:
         """Tokens per sample (a pair: its longer reply): what batching sorts by."""
+        if hasattr(self.encodings, "lengths"):  # an EncodingTable: read off its bounds
+            return self.encodings.lengths()
         return np.array([len(e.tokens) for e in self.encodings], np.int64)
 
     def supervised_tokens(self) -> np.ndarray:
         """Supervised (predicted) tokens per sample: what a token-normalised objective counts."""
+        if hasattr(self.encodings, "supervised"):
+            return self.encodings.supervised()
         return np.array([e.mask[1:].sum() for e in self.encodings], np.float64)
 
     def batches(self, batch_size: int, among=None) -> list[np.ndarray]:

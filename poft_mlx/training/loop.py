@@ -188,8 +188,24 @@ def train(model, optimizer, train_data: EncodedData, val_data: EncodedData | Non
     loop = Loop(model, optimizer, train_data, val_data, objective, args=args, run=RunDir(run_dir),
                 adapter_config=adapter_config, reference=reference, log=log,
                 clear_cache_threshold=clear_cache_threshold, callbacks=callbacks, schedule=schedule)
-    with _grad_checkpointing(model, args.grad_checkpoint):
+    with _grad_checkpointing(model, args.grad_checkpoint), wired_limit():
         return loop.run(resume)
+
+
+@contextlib.contextmanager
+def wired_limit():
+    """On Metal, wire the device's recommended working set for the run, as mlx-lm's trainer does
+    (mlx_lm.utils.maybe_set_recommended_wired_limit), so weights and optimizer state are not paged
+    out between steps; the previous limit comes back afterwards. A no-op without Metal (the CPU)."""
+    size = mx.device_info().get("max_recommended_working_set_size") if mx.metal.is_available() else None
+    if size is None:
+        yield
+        return
+    old = mx.set_wired_limit(size)
+    try:
+        yield
+    finally:
+        mx.set_wired_limit(old)
 
 
 class Loop:

@@ -1,0 +1,318 @@
+"""FROZEN: poft_mlx/data/render.py as of commit 7dfa727, before the batched path (tests compare against it).
+
+Render conversations with a model's own chat template and mark the supervised span.
+
+The span is every assistant turn (or only the last), each turn's content plus the
+end-of-turn token that closes it (so the model learns to stop). It is found in
+characters by rendering the conversation up to each reply with a placeholder in the
+reply's place (never by searching the reply's text), then mapped to tokens through
+the tokenizer's offsets, so it is the same text span for every model and template.
+
+Tool calling: a record's `tools` go to the template (apply_chat_template(tools=...)), and an
+assistant turn with `tool_calls` is supervised whole, as the template writes it: everything
+between where a plain reply would start and where it would end (the placeholder's
+surroundings), i.e. its content and its calls, plus the end-of-turn token. A template that
+drops the calls or ignores the tools is an error, not a silently wrong span.
+
+Text records (continued pre-training) use no template: the text's tokens (with the BOS the
+tokenizer adds, and EOS appended, as mlx-lm's text format does) are all supervised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from jinja2 import TemplateError as JinjaError
+
+from poft_mlx.errors import TemplateError
+from poft_mlx.data.records import Sample
+
+BUILTIN_TEMPLATES = ("gemma", "chatml", "zephyr")
+
+
+# Stands in for a reply when locating it (Renderer.turns): private-use characters, which no
+# template adds, trims or escapes.
+PLACEHOLDER = "\ue000poft-mlx reply\ue001"
+
+
+def resolve_template(spec: str | None) -> str | None:
+    """A builtin name (gemma, chatml), a path to a .jinja file, or Jinja text itself."""
+    if spec is None:
+        return None
+    if spec in BUILTIN_TEMPLATES:
+        return resources.files("poft_mlx.data").joinpath(f"templates/{spec}.jinja").read_text()
+    if "{{" in spec or "{%" in spec:
+        return spec
+    try:
+        path = Path(spec).expanduser()
+        is_file = path.is_file()
+    except (OSError, ValueError, RuntimeError):  # too long or odd for a file name; ~user unknown
+        is_file = False
+    if is_file:
+        try:
+            return path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            why = getattr(e, "strerror", None) or e
+            raise TemplateError(f"chat_template {spec!r}: cannot read the file ({why})") from None
+    raise TemplateError(
+        f"chat_template {spec!r}: not a builtin ({', '.join(BUILTIN_TEMPLATES)}), "
+        "not an existing file, and not Jinja text"
+    )
+
+
+@dataclass
+class Encoded:
+    tokens: np.ndarray  # int32 [L]
+    mask: np.ndarray  # bool [L]: True where the token is supervised (a prediction target)
+
+    @property
+    def n_target(self) -> int:
+        return int(self.mask.sum())
+
+
+@dataclass
+class Turn:
+    """Where one supervised assistant turn's content sits in the rendered text."""
+
+    index: int  # message index
+    content_start: int  # char offset of the (stripped) content in the full text
+    content_end: int
+    turn_end: int  # end of the rendering of this message
+    calls: bool = False  # a turn with tool_calls: its span is the template's rendering of the calls
+
+
+class Renderer:
+    """Encodes samples for one tokenizer + template; see the module docstring."""
+
+    def __init__(self, tokenizer, *, chat_template: str | None = None, span: str = "all",
+                 template_kwargs: dict | None = None, label: str = "model", require_template: bool = True):
+        """require_template=False: a tokenizer without a chat template is an error only when a
+        conversation is rendered (text records need none)."""
+        self.tok = getattr(tokenizer, "_tokenizer", tokenizer)  # unwrap mlx-lm's wrapper
+        self.template = resolve_template(chat_template) or getattr(self.tok, "chat_template", None)
+        self.label = label
+        if not self.template and require_template:
+            raise TemplateError(self._no_template())
+        self.span = span
+        self.kwargs = dict(template_kwargs or {})
+        self.special_ids = set(getattr(self.tok, "all_special_ids", []) or [])
+        added = getattr(self.tok, "added_tokens_decoder", {}) or {}
+        self.special_ids |= {i for i, t in added.items() if getattr(t, "special", False)}
+
+    def _no_template(self) -> str:
+        return (f"{self.label}: the tokenizer has no chat template; set one with chat_template "
+                f"(a builtin: {', '.join(BUILTIN_TEMPLATES)}, a .jinja file, or Jinja text)")
+
+    def apply(self, messages: list[dict], generation_prompt: bool, tools: list | None = None) -> str:
+        if not self.template:
+            raise TemplateError(self._no_template())
+        extra = {"tools": tools} if tools else {}
+        # transformers renders in jinja2's ImmutableSandboxedEnvironment: a template's attempt to
+        # leave it (''.__class__...) raises SecurityError, which ends here as one clear error.
+        try:
+            return self.tok.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation_prompt,
+                chat_template=self.template, **extra, **self.kwargs,
+            )
+        except JinjaError as e:
+            raise TemplateError(f"{self.label}: the chat template failed ({type(e).__name__}: "
+                                f"{' '.join(str(e).split())[:300]})") from None
+
+    def turns(self, messages: list[dict], tools: list | None = None) -> tuple[str, list[Turn]]:
+        """The full rendering and the supervised assistant turns in it."""
+        full = self.apply(messages, False, tools)
+        indices = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if self.span == "last":
+            indices = indices[-1:]
+        turns = []
+        for i in indices:
+            # The reply is located by rendering, not by searching its text: a short reply
+            # ("is") also occurs in the template's own markup ("assistant"), and a template
+            # may ignore add_generation_prompt. Rendering a placeholder reply in its place
+            # gives the text before and after it exactly.
+            through = self.apply(messages[: i + 1], False, tools)
+            probe = self.apply(messages[:i] + [{"role": "assistant", "content": PLACEHOLDER}], False, tools)
+            if probe.count(PLACEHOLDER) != 1:
+                raise TemplateError(
+                    f"{self.label}: the chat template renders the assistant reply of message {i} "
+                    f"{probe.count(PLACEHOLDER)} times; the supervised span cannot be located"
+                )
+            k = probe.index(PLACEHOLDER)
+            head, tail = probe[:k], probe[k + len(PLACEHOLDER):]
+            if not (full.startswith(through) and through.startswith(head) and through.endswith(tail)
+                    and len(head) + len(tail) <= len(through)):
+                raise TemplateError(
+                    f"{self.label}: the chat template does not render conversations "
+                    f"prefix-consistently at message {i} (the conversation up to a reply is not "
+                    "the start of the conversation with it); the supervised span cannot be located"
+                )
+            rendered = through[len(head):len(through) - len(tail)]
+            if messages[i].get("tool_calls"):
+                turns.append(self._call_turn(messages[i], i, rendered, len(head), len(through)))
+                continue
+            content = messages[i]["content"].strip()
+            if rendered.strip() != content:
+                raise TemplateError(
+                    f"{self.label}: the chat template changes the assistant content of "
+                    f"message {i}; the supervised span cannot be located"
+                )
+            pos = len(head) + len(rendered) - len(rendered.lstrip())
+            turns.append(Turn(i, pos, pos + len(content), len(through)))
+        return full, turns
+
+    def _call_turn(self, message: dict, i: int, rendered: str, start: int, end: int) -> Turn:
+        """A turn with tool calls: `rendered` (at `start`) is the template's writing of it."""
+        names = [c["function"]["name"] for c in message["tool_calls"]]
+        missing = [n for n in names if n not in rendered]
+        content = message["content"].strip()
+        if missing or (content and content not in rendered):
+            raise TemplateError(
+                f"{self.label}: the chat template does not render the tool calls of message {i} "
+                f"({', '.join(missing) or 'its content'} missing from the turn); use a model or "
+                "chat_template that supports tool calling"
+            )
+        lead = len(rendered) - len(rendered.lstrip())
+        return Turn(i, start + lead, start + len(rendered.rstrip()), end, calls=True)
+
+    def encode(self, sample: Sample) -> Encoded:
+        if sample.text is not None:
+            return self._encode_text(sample)
+        if sample.tools and self.apply(sample.messages, False, sample.tools) == self.apply(sample.messages, False):
+            raise TemplateError(f"{self.label}: the chat template ignores `tools` ({sample.source} has "
+                                f"{len(sample.tools)}); use a model or chat_template that supports tool calling")
+        full, turns = self.turns(sample.messages, sample.tools)
+        enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.asarray(enc["input_ids"], dtype=np.int32)
+        offsets = enc["offset_mapping"]
+        mask = np.zeros(len(ids), dtype=bool)
+        truncated = sample.meta.get("truncated", False)
+        for k, turn in enumerate(turns):
+            t = 0
+            while t < len(ids) and offsets[t][1] <= turn.content_start:
+                t += 1
+            while t < len(ids) and offsets[t][0] < turn.content_end:
+                mask[t] = True
+                t += 1
+            # The end-of-turn token closes the reply: supervise the first special token
+            # between the content and the end of this message's rendering, unless the
+            # reply was cut by truncation (it did not end there).
+            if truncated and k == len(turns) - 1:
+                continue
+            while t < len(ids) and offsets[t][0] < turn.turn_end:
+                if int(ids[t]) in self.special_ids:
+                    mask[t] = True
+                    break
+                t += 1
+        mask[0] = False  # the first token has no context to predict it from
+        return Encoded(ids, mask)
+
+    def text_ids(self, text: str) -> tuple[list[int], list]:
+        """A text record's tokens (the tokenizer's BOS, if it adds one) and their char offsets."""
+        enc = self.tok(text, add_special_tokens=True, return_offsets_mapping=True)
+        return list(enc["input_ids"]), enc["offset_mapping"]
+
+    def _encode_text(self, sample: Sample) -> Encoded:
+        ids, _ = self.text_ids(sample.text)
+        eos = getattr(self.tok, "eos_token_id", None)
+        # EOS closes a whole document (mlx-lm's text format); a cut one did not end there.
+        if eos is not None and not sample.meta.get("truncated") and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        mask = np.ones(len(ids), dtype=bool)
+        mask[0] = False
+        return Encoded(np.asarray(ids, dtype=np.int32), mask)
+
+    def char_to_turn(self, sample: Sample, char: int) -> tuple[int, int] | None:
+        """Map a char offset of the full rendering to (message index, content offset); None
+        outside any reply and inside a turn with tool calls (a call is never cut)."""
+        _, turns = self.turns(sample.messages, sample.tools)
+        for turn in turns:
+            if turn.calls:
+                continue
+            if turn.content_start <= char <= turn.content_end:
+                lead = len(sample.messages[turn.index]["content"]) - len(
+                    sample.messages[turn.index]["content"].lstrip())
+                return turn.index, lead + char - turn.content_start
+        return None
+
+
+def fit_length(sample: Sample, renderer: Renderer, max_len: int, policy: str, *,
+               earlier_replies: bool = False) -> tuple[Sample | None, Encoded | None, str]:
+    """Fit a sample into `max_len` tokens of `renderer`'s encoding.
+
+    Returns (sample, encoded, status) with status 'ok', 'truncated', 'shortened' or 'dropped'.
+    Truncation cuts the text of the response tail (so every model scores the same,
+    shorter, text) and the cut reply is not closed by an end-of-turn token.
+
+    earlier_replies: when the cut falls outside any reply (in a later prompt) or leaves
+    nothing of the reply it falls in, keep the conversation up to the last whole reply
+    that fits ('shortened') instead of dropping it. Only with span 'all', where those
+    replies are supervised; not for preference pairs, whose last reply is the point.
+    """
+    enc = renderer.encode(sample)
+    if len(enc.tokens) <= max_len:
+        return sample, enc, "ok"
+    if policy == "drop":
+        return None, None, "dropped"
+    if sample.text is not None:
+        return _cut_text(sample, renderer, max_len)
+    full = renderer.apply(sample.messages, False, sample.tools)
+    offsets = renderer.tok(full, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+
+    def cut_reply(keep: int) -> Sample | None:
+        where = renderer.char_to_turn(sample, offsets[keep - 1][1])
+        content = sample.messages[where[0]]["content"][:where[1]].rstrip() if where else ""
+        if not content:  # the cut falls outside any reply (a long prompt), or at its very start
+            return None
+        msgs = [dict(m) for m in sample.messages[:where[0]]] + [{"role": "assistant", "content": content}]
+        return replace(sample, messages=msgs, meta={**sample.meta, "truncated": True})
+
+    fitted = _shrink_to_fit(cut_reply, renderer, max_len)
+    if fitted:
+        return (*fitted, "truncated")
+    if earlier_replies and renderer.span == "all":
+        return _whole_replies(sample, renderer, max_len)
+    return None, None, "dropped"
+
+
+def _cut_text(sample: Sample, renderer: Renderer, max_len: int):
+    """A text record cut at a token boundary to fit `max_len` tokens (no EOS: it did not end)."""
+    _, offsets = renderer.text_ids(sample.text)
+
+    def cut_text(keep: int) -> Sample | None:
+        text = sample.text[:offsets[min(keep, len(offsets)) - 1][1]]
+        return replace(sample, text=text, meta={**sample.meta, "truncated": True}) if text.strip() else None
+
+    fitted = _shrink_to_fit(cut_text, renderer, max_len)
+    return (*fitted, "truncated") if fitted else (None, None, "dropped")
+
+
+def _shrink_to_fit(cut, renderer: Renderer, max_len: int) -> tuple[Sample, Encoded] | None:
+    """The sample cut(keep) for the first `keep` tokens (from max_len down) whose encoding fits
+    max_len with a supervised token; None when cut gives up (returns None) or nothing fits.
+    Re-tokenising a cut text can shift a boundary token: shrink by the excess and retry."""
+    keep = max_len
+    for _ in range(8):
+        new = cut(keep)
+        if new is None:
+            return None
+        enc = renderer.encode(new)
+        if len(enc.tokens) <= max_len and enc.n_target > 0:
+            return new, enc
+        keep -= max(1, len(enc.tokens) - max_len)
+        if keep < 2:
+            return None
+    return None
+
+
+def _whole_replies(sample: Sample, renderer: Renderer, max_len: int):
+    """The conversation up to its last assistant reply that fits, whole, in `max_len` tokens."""
+    ends = [i for i, m in enumerate(sample.messages) if m["role"] == "assistant"][:-1]
+    for i in reversed(ends):  # the last reply is the one that did not fit
+        new = replace(sample, messages=[dict(m) for m in sample.messages[:i + 1]], meta=dict(sample.meta))
+        enc = renderer.encode(new)
+        if len(enc.tokens) <= max_len and enc.n_target > 0:
+            return new, enc, "shortened"
+    return None, None, "dropped"

@@ -1,0 +1,169 @@
+"""data/batched.fit_many against the per-record code as it was (tests/render_before.py, frozen at
+7dfa727) on real data and the real PyPI tokenizers, record for record, and against transformers'
+own assistant-token mask; errors raised at the same record with the same message."""
+
+import json
+
+import numpy as np
+import pytest
+from mlx_lm.utils import load_tokenizer
+
+import render_before
+from poft_mlx.data.batched import fit_many
+from poft_mlx.data.encoding_cache import EncodingTable
+from poft_mlx.data.records import Sample, read_jsonl
+from poft_mlx.data.render import Renderer, TemplateError
+from tiny import CHATML, make_tokenizer
+
+MODELS = {"smollm2-135m-instruct": None, "qwen2.5-coder-0.5b-instruct": None, "gemma-3-270m": "gemma"}
+
+
+def _tokenizer(alias):
+    from poft_mlx.errors import ModelRefError
+    from poft_mlx.models.modeling import resolve
+
+    try:
+        return load_tokenizer(resolve(f"pypi:{alias}"))
+    except ModelRefError as e:
+        pytest.skip(f"pypi:{alias} unavailable: {e}")
+
+
+@pytest.fixture(scope="module")
+def real_data(tmp_path_factory):
+    """ShareGPT chats (long multi-turn ones among them) and GSM8K pairs, as poft-mlx JSONL."""
+    try:
+        from poft_mlx.data.builtin import gsm8k_records
+        from poft_mlx.data.sharegpt import sharegpt_chats
+
+        chats = sharegpt_chats(limit=400)
+        gsm = gsm8k_records()[:80]
+    except Exception as e:  # noqa: BLE001  (a package not installed)
+        pytest.skip(f"data packages unavailable: {e}")
+    path = tmp_path_factory.mktemp("data") / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in chats[:35] + gsm[:40]))
+    return read_jsonl(path)
+
+
+def _same(old, new):
+    (s1, e1, st1), (s2, e2, st2) = old, new
+    assert st1 == st2
+    assert (s1 is None) == (s2 is None) and (e1 is None) == (e2 is None)
+    if s1 is not None:
+        assert s1.messages == s2.messages and s1.text == s2.text and s1.meta == s2.meta and s1.uid == s2.uid
+        assert e1.tokens.dtype == e2.tokens.dtype == np.int32 and e1.mask.dtype == e2.mask.dtype == bool
+        assert np.array_equal(e1.tokens, e2.tokens) and np.array_equal(e1.mask, e2.mask)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("alias", sorted(MODELS))
+@pytest.mark.parametrize("max_len,policy", [(2048, "truncate"), (300, "truncate"), (300, "drop")])
+def test_fit_many_equals_the_per_record_code_on_real_data(real_data, alias, max_len, policy):
+    tok = _tokenizer(alias)
+    old = render_before.Renderer(tok, chat_template=MODELS[alias])
+    new = Renderer(tok, chat_template=MODELS[alias])
+    expected = [render_before.fit_length(s, old, max_len, policy, earlier_replies=True) for s in real_data]
+    got = list(fit_many(real_data, new, max_len, policy, earlier_replies=True, chunk=32))
+    assert len(got) == len(expected) == len(real_data)
+    for a, b in zip(expected, got):
+        _same(a, b)
+    statuses = {st for _, _, st in got}
+    # every path is exercised: fits, cut (and shortened / dropped at 300 tokens)
+    assert {"ok", "truncated"} <= statuses if policy == "truncate" else {"ok", "dropped"} <= statuses
+    if max_len == 300 and policy == "truncate":
+        assert "shortened" in statuses
+    # and Renderer.encode, per record, is the old encode
+    for s in real_data[:20]:
+        a, b = old.encode(s), new.encode(s)
+        assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.mask, b.mask)
+
+
+GEN_CHATML = (  # ChatML with transformers' generation markers around what poft-mlx supervises
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}{{ '\n' }}{% else %}{{ message['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("alias", ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])
+def test_span_equals_transformers_assistant_tokens_mask(real_data, alias):
+    """An independent reference: apply_chat_template(return_assistant_tokens_mask=True) marks the
+    tokens inside {% generation %}: each reply and its <|im_end|>, nothing of the markup."""
+    tok = _tokenizer(alias)
+    hf = tok._tokenizer
+    renderer = Renderer(tok, chat_template=GEN_CHATML)
+    chats = [s for s in real_data if s.text is None]
+    got = list(fit_many(chats, renderer, 1 << 30, "truncate"))
+    for s, (_, enc, _) in zip(chats, got):
+        ref = hf.apply_chat_template(s.messages, chat_template=GEN_CHATML, tokenize=True, return_dict=True,
+                                     return_assistant_tokens_mask=True)
+        assert enc.tokens.tolist() == list(ref["input_ids"])
+        assert enc.mask.tolist() == [bool(m) for m in ref["assistant_masks"]], s.source
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tok")
+    make_tokenizer(folder, 300, CHATML, "chatml")
+    return load_tokenizer(folder)
+
+
+def _chat(i):
+    return Sample([{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}],
+                  f"d.jsonl:{i + 1}")
+
+
+def test_a_bad_record_raises_the_same_error_after_the_same_records(tiny_tok):
+    """A template that cannot render record 5's reply: fit_many yields records 0-4 first, then
+    raises fit_length's very message, though the whole chunk was rendered before tokenizing."""
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                "{% if 'answer 5' in m['content'] %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}")
+    samples = [_chat(i) for i in range(9)]
+    new, old = Renderer(tiny_tok, chat_template=template), render_before.Renderer(tiny_tok, chat_template=template)
+    with pytest.raises(TemplateError) as before:
+        for s in samples:
+            render_before.fit_length(s, old, 64, "truncate")
+    seen = []
+    with pytest.raises(TemplateError) as now:
+        for item in fit_many(samples, new, 64, "truncate", chunk=4):
+            seen.append(item)
+    assert str(now.value) == str(before.value) and "message 1" in str(now.value)
+    assert len(seen) == 5
+    for s, item in zip(samples, seen):
+        _same(render_before.fit_length(s, old, 64, "truncate"), item)
+
+
+def test_text_records_and_tools_equal_the_per_record_code(tiny_tok):
+    from tiny import QWEN
+
+    samples = [Sample(None, f"t:{i}", text=("some plain text " * (i + 1)).strip()) for i in range(6)]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    samples.append(Sample([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "x", tools=tools))
+    for max_len in (8, 1000):
+        old, new = render_before.Renderer(tiny_tok, chat_template=QWEN), Renderer(tiny_tok, chat_template=QWEN)
+        try:
+            expected = [render_before.fit_length(s, old, max_len, "truncate") for s in samples]
+        except TemplateError as e:  # the tiny Qwen template ignores tools: the same error, same record
+            with pytest.raises(TemplateError, match="ignores `tools`") as now:
+                list(fit_many(samples, new, max_len, "truncate"))
+            assert str(now.value) == str(e)
+            expected = [render_before.fit_length(s, old, max_len, "truncate") for s in samples[:-1]]
+            samples_ = samples[:-1]
+        else:
+            samples_ = samples
+        for a, b in zip(expected, fit_many(samples_, new, max_len, "truncate", chunk=4)):
+            _same(a, b)
+
+
+def test_encoding_table_is_the_list_it_holds(tiny_tok):
+    renderer = Renderer(tiny_tok)
+    encs = [renderer.encode(_chat(i)) for i in range(7)]
+    table = EncodingTable.of(encs)
+    assert len(table) == 7 and table.lengths().tolist() == [len(e.tokens) for e in encs]
+    assert table.supervised().tolist() == [float(e.mask[1:].sum()) for e in encs]
+    for a, b in zip(encs, table):
+        assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.mask, b.mask)
+    assert np.array_equal(table[-1].tokens, encs[-1].tokens) and len(table[2:5]) == 3
+    empty = EncodingTable.of([])
+    assert len(empty) == 0 and empty.lengths().tolist() == [] and empty.supervised().tolist() == []

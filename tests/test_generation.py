@@ -68,6 +68,11 @@ def test_gsm8k_answer_end_on_the_real_test_split():
         assert gsm8k_answer_end(body) is None
     assert gsm8k_answer_end("so 36 - 5 = 31.\n####   $1,000.50 \nmore") == len("so 36 - 5 = 31.\n####   $1,000.50")
     assert gsm8k_answer_end("#### \n#### 12\n") == len("#### \n#### 12")  # the first line has no number
+    # what the quickstart's trained models wrote: the answer, then a loop on the same line
+    assert gsm8k_answer_end("The model is 12. #### 30 balloons per pack #### 30") == len("The model is 12. #### 30")
+    assert gsm8k_answer_end("#### 1,000, so") == len("#### 1,000")
+    assert gsm8k_answer_end("#### 5.") is None and gsm8k_answer_end("#### 5. Done") == len("#### 5")
+    assert gsm8k_answer_end("#### 1,0") is None and gsm8k_answer_end("#### 12<end") == len("#### 12")
 
 
 def test_regex_extractor_takes_the_last_match_and_its_group():

@@ -39,7 +39,7 @@ from .common import config_options, echo_once, flag_options, heldout_file, load,
                    "(applied to reply and reference; the last match's first group), auto (gsm8k when every "
                    "reference has '#### N').")
 @click.option("--stop-at-answer/--full-replies", default=True, show_default=True,
-              help="With --generate and gsm8k answers: end each reply after its first '#### N' line.")
+              help="With --generate and gsm8k answers: end each reply once it has given its final answer ('#### N').")
 @click.option("--max-tokens", default=256, show_default=True, help="With --generate: most tokens per reply.")
 @click.option("--gen-batch-size", default=8, show_default=True, help="With --generate: prompts decoded together.")
 @click.option("--temp", "temperature", default=0.0, show_default=True, help="With --generate: 0 = greedy.")

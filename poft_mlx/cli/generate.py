@@ -37,7 +37,7 @@ def _open(source, chat_template, adapter_path):
               help="A user message (repeatable: the prompts are decoded as one batch).")
 @click.option("--batch-size", default=8, show_default=True, help="Prompts decoded together.")
 @click.option("--answer", type=click.Choice(["none", "gsm8k"]), default="none", show_default=True,
-              help="gsm8k: end each reply after its first '#### N' line (the final answer), as eval --generate does.")
+              help="gsm8k: end each reply once it has given its final answer ('#### N') (the final answer), as eval --generate does.")
 @_decoding
 def generate(source, prompts, batch_size, answer, max_tokens, temperature, top_p, seed, system, chat_template, adapter_path):
     from ..evaluation.answers import gsm8k_answer_end

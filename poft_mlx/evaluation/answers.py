@@ -59,17 +59,24 @@ def gsm8k_answer(text: str) -> str | None:
     return str(int(value)) if value == int(value) else repr(value).rstrip("0").rstrip(".")
 
 
-# A complete final-answer line: '#### 18', '#### $1,000.50' ... then a newline.
-GSM8K_ANSWER_LINE = re.compile(r"####[^\S\n]*\$?-?\d[\d,]*(?:\.\d+)?[^\S\n]*\n")
+# GSM8K's final answer: '#### 18', '#### $1,000.50' ...
+GSM8K_ANSWER = re.compile(r"####[^\S\n]*\$?-?\d[\d,]*(?:\.\d+)?")
 
 
 def gsm8k_answer_end(text: str) -> int | None:
-    """Where a GSM8K-style reply has given its answer: the end of its first complete '#### N'
-    line (the newline after it ends the number), or None while it has not. Generation stops
-    there, as lm-evaluation-harness's gsm8k tasks stop at their next-question marker: the
-    graded answer is that line's number, and what a small model loops on after it is noise."""
-    m = GSM8K_ANSWER_LINE.search(text)
-    return None if m is None else len(text[:m.end()].rstrip())
+    """Where a GSM8K-style reply has given its answer: the end of the number after its first
+    '####', once the text shows the number is complete (a character that cannot continue it
+    follows: not a digit, nor a ',' or '.' before a digit), or None while it has not.
+    Generation stops there, as lm-evaluation-harness's gsm8k tasks stop at their next-question
+    marker: the graded answer is that number, and what a small model loops on after it
+    ('#### 30 balloons per pack #### 30 ...') is noise."""
+    m = GSM8K_ANSWER.search(text)
+    if m is None:
+        return None
+    rest = text[m.end():m.end() + 2]
+    if not rest or (rest[0] == "." and (len(rest) < 2 or rest[1].isdigit())):
+        return None  # the number may still go on
+    return m.start() + len(m.group(0).rstrip(","))
 
 
 def regex_answer(pattern: str) -> Callable[[str], str | None]:
@@ -208,7 +215,7 @@ def run_generation_eval(configs: dict, data, out_dir: str | Path, *, answer: str
 
     Writes eval.json, eval.md and eval.html to out_dir; returns the summary (see summarize).
     data: any data source (data/sources.py); None: the first config's data.test.
-    stop_at_answer: with answer="gsm8k", a reply ends after its first '#### N' line (gsm8k_answer_end).
+    stop_at_answer: with answer="gsm8k", a reply ends once it has given its final answer ('#### N') (gsm8k_answer_end).
     """
     first = next(iter(configs.values()))[0]
     data = data or first.data.test

@@ -12,6 +12,12 @@ Sections (--sections, default all; docs/benchmarks.md explains every number):
   memory  PoFT with the aligned model resident (scored each step) against cached scores
   vocab   peak memory of a training step at a 262k vocabulary as the batch grows (synthetic model)
   quant   a 4-bit copy of the model: dequantize-then-matmul against quantized_matmul, and float32
+  scale   data preparation at 1k / 10k / 100k ShareGPT records (--scale-sizes), per PyPI tokenizer
+          (--scale-models): records/s of checking, rendering, tokenizing and the whole preparation,
+          old per-record fit_length vs the batched fit_many at the smallest size, peak RSS of a
+          preparation (a child process), score-cache load time and memory at that many entries,
+          `train` start-up before the first step fresh / with cached encodings / `--resume`, and
+          the exponent of a log-log fit of each over the sizes (1 = linear)
   generate  batched greedy generation: poft-mlx (poft_mlx.models.generation) against mlx-lm's own
           batch_generate on the same model, prompts (GSM8K questions, chat template) and batch size
 
@@ -52,7 +58,7 @@ from poft_mlx.training.batches import EncodedData
 
 from benchmark_report import render, targets
 
-SECTIONS = ("train", "long", "score", "memory", "vocab", "quant", "generate")
+SECTIONS = ("train", "long", "score", "memory", "vocab", "quant", "generate", "scale")
 GB = 1e9
 
 
@@ -621,6 +627,171 @@ def section_generate(args, path, renderer, samples, report) -> dict:
             "mean_prompt_tokens": float(np.mean([len(p) for p in prompts])), "contenders": list(best.values())}
 
 
+# ---------------------------------------------------------------------------- data preparation at scale
+
+_PREP_CHILD = """
+import json, resource, sys, time
+import poft_mlx
+from mlx_lm.utils import load_tokenizer
+from poft_mlx.config import Config, build
+from poft_mlx.data.prepare import prepare, target_renderer
+from poft_mlx.models.modeling import resolve
+cfg = build(Config, json.loads(sys.argv[1]))
+tok = load_tokenizer(resolve(cfg.model))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+p = prepare(cfg.data.train, target_renderer(tok, cfg), cfg, log=lambda m: None)
+dt = time.perf_counter() - t0
+unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+print(json.dumps({"seconds": dt, "records": p.report["records"],
+                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 1e9,
+                  "rss_before_gb": before * unit / 1e9}))
+"""
+
+_TRAIN_CHILD = """
+import json, os, sys, time
+t0 = time.perf_counter()
+import poft_mlx
+from poft_mlx.config import Config, build
+from poft_mlx.training.loop import Callback
+from poft_mlx.training.run import run_train
+class First(Callback):
+    def on_step_begin(self, loop, *a, **k):
+        print(json.dumps({"startup_s": time.perf_counter() - t0}), flush=True)
+        os._exit(0)
+cfg = build(Config, json.loads(sys.argv[1]))
+run_train(cfg, resume=sys.argv[2] == "1", callbacks=[] if sys.argv[3] == "0" else [First()])
+print(json.dumps({"finished": True}))
+"""
+
+
+def _child(code: str, *argv, env=None) -> dict:
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=7200)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-2000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def scale_records(n: int, max_chars: int) -> list[dict]:
+    """n ShareGPT chats (at most max_chars characters each): the package's, then copies whose first
+    question names the copy, so every record is distinct (its own uid) and lengths stay the same."""
+    from poft_mlx.data.sharegpt import sharegpt_chats
+
+    base = sharegpt_chats(max_chars=max_chars)
+    out = []
+    for k in range(n):
+        rec, copy = base[k % len(base)], k // len(base)
+        if copy:
+            msgs = [dict(m) for m in rec["messages"]]
+            msgs[0]["content"] = f"(variant {copy}) {msgs[0]['content']}"
+            rec = {"messages": msgs}
+        out.append({"messages": rec["messages"]})
+    return out
+
+
+def _exponent(sizes, values) -> float | None:
+    pairs = [(n, v) for n, v in zip(sizes, values) if v and v > 0]
+    if len(pairs) < 2:
+        return None
+    x, y = np.log([p[0] for p in pairs]), np.log([p[1] for p in pairs])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def section_scale(args, report) -> dict:
+    from mlx_lm.utils import load_tokenizer
+
+    from poft_mlx.data.batched import fit_many
+    from poft_mlx.data.records import read_jsonl
+    from poft_mlx.scoring.cache import ScoreCache
+
+    sizes = sorted(args.scale_sizes)
+    work = Path(tempfile.mkdtemp(prefix="poft-scale-"))
+    recs = scale_records(max(sizes), args.scale_max_chars)
+    files = {}
+    for n in sizes:
+        files[n] = work / f"sharegpt-{n}.jsonl"
+        files[n].write_text("".join(json.dumps(r) + "\n" for r in recs[:n]))
+    del recs
+    out = {"sizes": sizes, "max_chars": args.scale_max_chars, "max_seq_length": args.scale_max_len,
+           "mean_messages": None, "models": {}}
+    for alias in args.scale_models:
+        ref = f"pypi:{alias}"
+        template = "gemma" if alias.startswith("gemma-3-270m") else None  # the base model has no template
+        tok = load_tokenizer(modeling.resolve(ref))
+        renderer = Renderer(tok, chat_template=template)
+        rows = []
+        for n in sizes:
+            row = {"records": n}
+            t0 = time.perf_counter()
+            samples = read_jsonl(files[n])
+            row["check_rec_s"] = n / (time.perf_counter() - t0)
+            out["mean_messages"] = float(np.mean([len(s.messages) for s in samples]))
+            t0 = time.perf_counter()
+            rendered = [renderer.render(s)[0] for s in samples]
+            row["render_rec_s"] = n / (time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for i in range(0, n, 256):
+                renderer.tokenize(rendered[i:i + 256], add_special_tokens=False)
+            row["tokenize_rec_s"] = n / (time.perf_counter() - t0)
+            del rendered
+            t0 = time.perf_counter()
+            for _ in fit_many(samples, renderer, args.scale_max_len, "truncate", earlier_replies=True):
+                pass
+            row["fit_many_rec_s"] = n / (time.perf_counter() - t0)
+            if n == sizes[0]:  # the per-record path, once: it is the slow one
+                t0 = time.perf_counter()
+                for s in samples:
+                    fit_length(s, renderer, args.scale_max_len, "truncate", earlier_replies=True)
+                row["fit_length_rec_s"] = n / (time.perf_counter() - t0)
+            del samples
+            home = work / f"home-{alias}-{n}"
+            env = {**os.environ, "POFT_MLX_HOME": str(home)}
+            cfg = {"model": ref, "objective": "sft", "chat_template": template, "run_dir": str(work / f"run-{alias}-{n}"),
+                   "data": {"train": str(files[n]), "max_seq_length": args.scale_max_len},
+                   "train": {"batch_size": 1, "iters": 1, "steps_per_save": 1, "steps_per_report": 1,
+                             "steps_per_eval": 1000}}
+            fresh = _child(_PREP_CHILD, json.dumps(cfg), env=env)
+            cached = _child(_PREP_CHILD, json.dumps(cfg), env=env)
+            row.update(prepare_fresh_rec_s=n / fresh["seconds"], prepare_cached_s=cached["seconds"],
+                       prep_peak_rss_gb=fresh["peak_rss_gb"], prep_cached_peak_rss_gb=cached["peak_rss_gb"],
+                       rss_before_prep_gb=fresh["rss_before_gb"])
+            if args.scale_train:
+                cold = {**env, "POFT_MLX_HOME": str(work / f"cold-{alias}-{n}")}
+                row["train_startup_fresh_s"] = _child(_TRAIN_CHILD, json.dumps(cfg), "0", "1", env=cold)["startup_s"]
+                shutil_rm(cfg["run_dir"])
+                row["train_startup_cached_s"] = _child(_TRAIN_CHILD, json.dumps(cfg), "0", "1", env=cold)["startup_s"]
+                shutil_rm(cfg["run_dir"])
+                _child(_TRAIN_CHILD, json.dumps(cfg), "0", "0", env=cold)  # one step, checkpointed
+                cfg2 = {**cfg, "train": {**cfg["train"], "iters": 2}}
+                row["train_startup_resume_s"] = _child(_TRAIN_CHILD, json.dumps(cfg2), "1", "1", env=cold)["startup_s"]
+            # the score cache with n entries
+            root = work / f"scores-{alias}-{n}"
+            sc = ScoreCache(root, "k")
+            sc.put([(f"{i:024x}", -1.5 * (i % 7 + 1), 10 + i % 50) for i in range(n)])
+            sc.close()
+            code = ("import json,sys,time,tracemalloc;from poft_mlx.scoring.cache import ScoreCache;"
+                    "tracemalloc.start();t=time.perf_counter();c=ScoreCache(sys.argv[1],'k');"
+                    "dt=time.perf_counter()-t;print(json.dumps({'s':dt,'mb':tracemalloc.get_traced_memory()[1]/1e6,"
+                    "'n':len(c.entries)}))")
+            got = _child(code, str(root))
+            row.update(score_cache_load_s=got["s"], score_cache_peak_mb=got["mb"])
+            rows.append(row)
+            report(f"scale {alias} {n}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items() if k != "records"))
+        keys = [k for k in rows[0] if k != "records" and all(k in r for r in rows)]
+        # exponents of the costs: seconds (n / rate) for rates, the value itself otherwise
+        cost = {k: [(r["records"] / r[k]) if k.endswith("rec_s") else r[k] for r in rows] for k in keys}
+        out["models"][alias] = {"rows": rows, "exponents": {k: _exponent(sizes, v) for k, v in cost.items()}}
+    return out
+
+
+def shutil_rm(path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------- report
 
 
@@ -648,6 +819,15 @@ def main(argv=None) -> int:
     p.add_argument("--gen-batch-size", type=int, default=8, help="generate: prompts decoded together")
     p.add_argument("--gen-batches", type=int, default=2, help="generate: prompts = batch size x this")
     p.add_argument("--gen-max-tokens", type=int, default=128, help="generate: tokens per reply at most")
+    p.add_argument("--scale-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1000, 10000, 100000],
+                   help="scale: record counts")
+    p.add_argument("--scale-models", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+                   default=["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma-3-270m"],
+                   help="scale: PyPI model aliases whose tokenizers prepare the data")
+    p.add_argument("--scale-max-chars", type=int, default=6000, help="scale: ShareGPT chats up to this many characters")
+    p.add_argument("--scale-max-len", type=int, default=2048, help="scale: max_seq_length")
+    p.add_argument("--no-scale-train", dest="scale_train", action="store_false",
+                   help="scale: skip the train start-up timings (they load the model)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--json-out", default=None)
     p.add_argument("--verbose", action="store_true", help="show the trainers' own output")
@@ -687,6 +867,8 @@ def main(argv=None) -> int:
         res["quant"] = section_quant(args, path, renderer, samples, report)
     if "generate" in args.sections:
         res["generate"] = section_generate(args, path, renderer, samples, report)
+    if "scale" in args.sections:
+        res["scale"] = section_scale(args, report)
     peaks.append(matmul_peak())
     res["machine"] = {"machine": platform.machine(), "cores": os.cpu_count(), "mlx": mx.__version__,
                       "device": str(mx.default_device()), "blas": _blas.LOADED,

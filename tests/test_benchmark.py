@@ -22,7 +22,8 @@ def test_benchmark_runs_every_section(tmp_path):
            "--batch-size", "2", "--max-len", "96", "--lora-layers", "2", "--warmup", "1", "--steps", "1",
            "--rounds", "1", "--score-batch-size", "2", "--score-batches", "1", "--vocab-size", "8192",
            "--vocab-batches", "1,2", "--quant-batch-size", "1",
-           "--gen-batch-size", "2", "--gen-batches", "1", "--gen-max-tokens", "6"]
+           "--gen-batch-size", "2", "--gen-batches", "1", "--gen-max-tokens", "6",
+           "--scale-sizes", "20,40", "--scale-models", "smollm2-135m-instruct", "--no-scale-train"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -40,6 +41,10 @@ def test_benchmark_runs_every_section(tmp_path):
     assert len(gen) == 3 and all(c["tokens"] > 0 and c["tok_s"] > 0 for c in gen.values()), gen
     # greedy, float32 both: poft-mlx's batched generation produces mlx-lm's own tokens
     assert gen["poft-mlx generate"]["same_tokens_as_mlx_lm_float32"], gen
+    scale = res["scale"]["models"]["smollm2-135m-instruct"]
+    assert [r["records"] for r in scale["rows"]] == [20, 40]
+    assert all(r["fit_many_rec_s"] > 0 and r["prep_peak_rss_gb"] > 0 for r in scale["rows"])
+    assert "fit_length_rec_s" in scale["rows"][0] and set(scale["exponents"]) >= {"fit_many_rec_s", "score_cache_load_s"}
     targets = {name: value for name, value, _, _ in res["targets"]}
     assert len(targets) == 9 and all(math.isfinite(v) for v in targets.values()), targets
     assert "targets" in r.stdout and "PoFT training MFU at length 96" in r.stdout

@@ -199,6 +199,17 @@ def test_eval_generate_writes_tables_json_and_html(tiny_run, tmp_path):
     assert page.count("<section>") == 4 and "What is 1 plus 2?" in page and "<table>" in page
     md = (out / "eval.md").read_text()
     assert re.search(r"\| base \| [-\d.]+", md)
+    # The replies of all models are scored in one pass; each model's share is its own replies' scores.
+    from poft_mlx.cli.common import run_config
+    from poft_mlx.config import load_config
+    from poft_mlx.data.records import Sample
+    from poft_mlx.evaluation.answers import aligned_scores, prompts_of
+
+    cfg = load_config([], [], base=run_config(tiny_run / "run"))
+    prompts = prompts_of([Sample(rec["messages"], f"r{i}") for i, rec in enumerate(recs)])
+    for name in names:
+        alone = aligned_scores(cfg, prompts, [x[name]["reply"] for x in res["samples"]], log=lambda m: None)
+        np.testing.assert_allclose([x[name]["aligned_lp"] for x in res["samples"]], alone, rtol=1e-5)
 
 
 def test_stop_strings_end_a_reply_where_the_text_first_contains_one(tiny_models):

@@ -242,9 +242,12 @@ def run_generation_eval(configs: dict, data, out_dir: str | Path, *, answer: str
         gc.collect()
         mx.clear_cache()
     first_cfg = next(iter(configs.values()))[0]
-    for name in per_model:
-        log(f"eval: {name}: aligned models score the {len(prompts)} generated replies")
-        per_model[name]["aligned_lp"] = aligned_scores(first_cfg, prompts, per_model[name]["reply"], log=log).tolist()
+    # Every model's replies in one pass: each aligned model loads once, not once per model.
+    log(f"eval: aligned models score the {len(prompts)} generated replies of {', '.join(per_model)}")
+    scores = aligned_scores(first_cfg, prompts * len(per_model), [r for m in per_model.values() for r in m["reply"]],
+                            log=log)
+    for k, name in enumerate(per_model):
+        per_model[name]["aligned_lp"] = scores[k * len(prompts):(k + 1) * len(prompts)].tolist()
     summary = summarize(per_model, likelihood, seed=seed)
     summary["settings"] = {"data": describe(data), "samples": len(prompts), "answer": answer, "max_tokens": max_tokens,
                            "stop_at_answer": answer_end is not None, "temperature": temperature, "seed": seed,

@@ -44,6 +44,7 @@ invocation, so an unfinished run still reports what it has.
 
     python scripts/replicate.py --out runs/replicate          # about 2 h on 2 CPU cores
     python scripts/replicate.py --out runs/replicate --plan   # the units and the time estimate only
+    python scripts/replicate.py --out runs/replicate --report # summary, tables, plots of what has run
     python scripts/replicate.py --out runs/replicate-gpu --scale gpu   # MLX's CUDA backend
     python scripts/replicate.py --out /tmp/r --tiny --target DIR --aligned DIR --aligned DIR  # tests
 
@@ -171,6 +172,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a size, e.g. --set seeds=5 --set gsm8k.train=64 (keys: see SCALES)")
     ap.add_argument("--plan", action="store_true", help="write the data, print the units and the estimate, stop")
+    ap.add_argument("--report", action="store_true",
+                    help="run nothing: rebuild summary.json, tables.md and plots/ from the units that have run "
+                         "(e.g. while another invocation is still running, or after one was stopped)")
     ap.add_argument("--redo", action="append", default=[], metavar="GLOB",
                     help="delete the results of units matching GLOB (e.g. 'gen/*') before running")
     args = ap.parse_args(argv)
@@ -905,7 +909,7 @@ class Replication:
                                                            "done": self.store.done(u.uid)} for u in units]})
             return {"plan": [u.uid for u in units], "todo": [u.uid for u in todo]}
         remaining = sum(u.predicted_s for u in todo)
-        for u in todo:
+        for u in [] if self.args.report else todo:
             self.store.run(u, remaining)
             remaining -= u.predicted_s
         self.policies.clear()

@@ -164,6 +164,14 @@ def test_replicate_tiny(tmp_path, tiny_models):
     shutil.rmtree(ckpts[-1])
     (out / "units" / "train" / "gsm8k-n50-sft-s0.json").unlink()
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "units").rglob("*.json")}
+    # --report runs nothing and summarizes what is there: incomplete, the lost epoch-1 CE gone from its table
+    partial = replicate.main(argv + ["--report"])
+    assert partial["invocation"]["executed"] == [] and not partial["complete"]
+    assert json.loads((out / "summary.json").read_text())["complete"] is False
+    assert "Incomplete" in (out / "tables.md").read_text()
+    assert ("n30", "poft", 1, 1) not in {(r["noise"], r["method"], r["epoch"], r["seed"])
+                                          for r in partial["tables"]["gsm8k_ce_by_seed"]["rows"]}
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
     again = replicate.main(argv)
     assert again["invocation"]["executed"] == ["train/gsm8k-n50-sft-s0", "lik/gsm8k-n30-poft-s1/e1"]
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())  # nothing else was rewritten

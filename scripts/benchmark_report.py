@@ -107,6 +107,18 @@ def render(res) -> str:
                                        ("train tok/s", lambda r: f"{r['train_tok_s']:.1f}"),
                                        ("train peak GB", lambda r: f"{r['train_peak_gb']:.2f}")]))
         lines.append("")
+    if res.get("compile"):
+        c = res["compile"]
+        lines.append(f"compiled step (train.compile) vs eager, PoFT LoRA, batch {c['batch_size']}; "
+                     "the ratio in one run is the figure, not the rates")
+        lines.append(table(c["rows"], [("setting", lambda r: r["setting"]), ("timed steps", lambda r: str(r["steps"])),
+                                       ("eager tok/s", lambda r: f"{r['eager_tok_s']:.1f}"),
+                                       ("compiled tok/s", lambda r: f"{r['compiled_tok_s']:.1f}"),
+                                       ("compiled / eager", lambda r: f"{r['speedup']:.2f}x"),
+                                       ("shapes eager / compiled", lambda r: f"{r['eager_shapes']} / {r['compiled_shapes']}"),
+                                       ("peak GB eager / compiled",
+                                        lambda r: f"{r['eager_peak_gb']:.2f} / {r['compiled_peak_gb']:.2f}")]))
+        lines.append("")
     if res.get("generate"):
         g = res["generate"]
         ref = next(c["tok_s"] for c in g["contenders"] if c["name"] == "mlx-lm batch_generate (float32)")

@@ -21,7 +21,7 @@ def test_benchmark_runs_every_section(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--attribution", "--json-out", str(out),
            "--batch-size", "2", "--max-len", "96", "--lora-layers", "2", "--warmup", "1", "--steps", "1",
            "--rounds", "1", "--score-batch-size", "2", "--score-batches", "1", "--vocab-size", "8192",
-           "--vocab-batches", "1,2", "--quant-batch-size", "1",
+           "--vocab-batches", "1,2", "--quant-batch-size", "1", "--compile-steps", "1",
            "--gen-batch-size", "2", "--gen-batches", "1", "--gen-max-tokens", "6",
            "--scale-sizes", "20,40", "--scale-models", "smollm2-135m-instruct", "--no-scale-train"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -37,6 +37,9 @@ def test_benchmark_runs_every_section(tmp_path):
             assert c["tok_s"] > 0 and 0 < c["mfu"] < 1.5 and c["peak_gb"] > 0, (section, c)
     assert len(res["vocab"]["rows"]) == 2 + 2  # poft-mlx and plain at batches 1 and 2
     assert {r["name"] for r in res["quant"]["rows"]} == {"float32", "dequantize + matmul", "quantized_matmul"}
+    rows = res["compile"]["rows"]
+    assert [r["setting"] for r in rows] == ["repeated batch", "GSM8K batches"]
+    assert all(r["speedup"] > 0 and r["compiled_shapes"] <= r["eager_shapes"] for r in rows), rows
     gen = {c["name"]: c for c in res["generate"]["contenders"]}
     assert len(gen) == 3 and all(c["tokens"] > 0 and c["tok_s"] > 0 for c in gen.values()), gen
     # greedy, float32 both: poft-mlx's batched generation produces mlx-lm's own tokens

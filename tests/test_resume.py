@@ -308,6 +308,16 @@ def test_nan_stop_names_the_step_and_keeps_the_last_checkpoint(env):
     assert [x["step"] for x in split(read_metrics(run), "train")] == [1, 2, 3, 4, 5, 6]
 
 
+def assert_step_skipped(run: Path, step: int) -> None:
+    """The skipped step changed neither the adapters nor the optimizer; the next one changed both."""
+    at = lambda s: run / "checkpoints" / f"step-{s:07d}"  # noqa: E731
+    before, skipped, after = weights(at(step - 1)), weights(at(step)), weights(at(step + 1))
+    assert all(np.array_equal(before[k], skipped[k]) for k in before)
+    assert not all(np.array_equal(skipped[k], after[k]) for k in skipped)
+    opt = lambda s: mx.load(str(at(s) / "optimizer.safetensors"))  # noqa: E731
+    assert opt(step - 1)["step"].item() == opt(step)["step"].item() == opt(step + 1)["step"].item() - 1
+
+
 def test_nan_skip_skips_the_batch_logs_it_and_finishes(env):
     run = env.root / "nan-skip"
     r = invoke_with(AtStep(3, nan=True), "train", "-c", env.cfg, "--set", f"run_dir={run}", *NAN_RUN, "--set", "train.nan_policy=skip")
@@ -317,13 +327,7 @@ def test_nan_skip_skips_the_batch_logs_it_and_finishes(env):
     assert sorted(train) == [1, 2, 3, 4, 5, 6]
     assert [train[s]["skipped"] for s in range(1, 7)] == [0, 0, 1, 1, 1, 1]
     assert train[3]["loss"] is None and all(math.isfinite(train[s]["loss"]) for s in (1, 2, 4, 5, 6))
-    # The skipped step changed neither the adapters nor the optimizer.
-    at = lambda s: run / "checkpoints" / f"step-{s:07d}"  # noqa: E731
-    w2, w3, w4 = weights(at(2)), weights(at(3)), weights(at(4))
-    assert all(np.array_equal(w2[k], w3[k]) for k in w2)
-    assert not all(np.array_equal(w3[k], w4[k]) for k in w3)
-    opt = lambda s: mx.load(str(at(s) / "optimizer.safetensors"))  # noqa: E731
-    assert opt(2)["step"].item() == opt(3)["step"].item() == opt(4)["step"].item() - 1
+    assert_step_skipped(run, 3)
     assert all(np.isfinite(v).all() for v in weights(run / "adapters").values())
 
 

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from .config import Config, load_config, merge_trees, read_yaml, set_dotted
-from .evaluation.answers import markdown, run_generation_eval
+from .errors import ConfigError
+from .evaluation.answers import gsm8k_answer_end, markdown, run_generation_eval
 from .evaluation.likelihood import run_eval
 from .export.fuse import fuse_run
 from .export.hub import push as hub_push
@@ -118,14 +119,18 @@ def table(summary: dict) -> str:
 
 
 def generate(source: str | Path, prompts: Sequence[str | list[dict]], *, max_tokens: int = 256,
-             temperature: float = 0.0, batch_size: int = 8, chat_template: str | None = None) -> list[str]:
+             temperature: float = 0.0, batch_size: int = 8, chat_template: str | None = None,
+             answer: str = "none") -> list[str]:
     """Replies of `source` (a run folder: its adapters and the template it trained with; a fused
     folder; any model reference) to each prompt (a string, or a conversation as a list of
-    {"role", "content"} messages ending with the user's turn)."""
+    {"role", "content"} messages ending with the user's turn). answer="gsm8k" ends each reply
+    once it has given its final answer ('#### N'), as `poft-mlx generate --answer gsm8k` does."""
+    if answer not in ("none", "gsm8k"):
+        raise ConfigError(f"answer {answer!r}: choose 'none' or 'gsm8k'")
     gen = open_generator(str(source), chat_template=chat_template)
     conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
     replies = generate_replies(gen, conversations, max_tokens=max_tokens, temperature=temperature,
-                               batch_size=batch_size)
+                               batch_size=batch_size, answer_end=gsm8k_answer_end if answer == "gsm8k" else None)
     return [r.text for r in replies]
 
 

@@ -315,10 +315,32 @@ def test_quickstart_command_prints_a_hint_that_runs(tmp_path, tiny_models, monke
     hint = next(line for line in out.splitlines() if line.startswith("try it:"))
     argv = shlex.split(hint.removeprefix("try it:"))
     assert argv[:2] == ["poft-mlx", "generate"] and argv[2] == str(tmp_path / "qs" / "poft")
-    assert "--answer" in argv and argv[argv.index("-p") + 1] == "Tom has 3 boxes of 12 pencils and gives away 5. " \
-        "How many pencils are left?"
-    reply = invoke(*argv[1:], "--max-tokens", 8).output
-    assert reply.strip()
+    assert "--answer" in argv and argv[argv.index("-p") + 1] == qs.HINT["question"]
+    # the quickstart asked the same question itself and printed the reply with its verdict
+    said = out.splitlines()[out.splitlines().index(hint) + 1]
+    assert said.startswith("  in this run it answered: ")
+    reply = invoke(*argv[1:], "--max-tokens", 6).output.strip()
+    assert reply and " ".join(reply.split()) in said
+    given = gsm8k_answer(reply) or "no number"
+    assert said.endswith(f"[{given}: right]" if given == "16" else f"[{given}: wrong: the answer is 16]")
+
+
+def test_api_generate_can_end_replies_at_the_gsm8k_answer(tiny_run, monkeypatch):
+    """pm.generate(answer="gsm8k") ends replies as `poft-mlx generate --answer gsm8k` does (the
+    notebook's hint); another value is refused by name."""
+    import poft_mlx as pm
+    import poft_mlx.api as api
+    from poft_mlx.errors import ConfigError
+
+    seen = []
+    real = api.generate_replies
+    monkeypatch.setattr(api, "generate_replies", lambda gen, convs, **kw: seen.append(kw) or real(gen, convs, **kw))
+    plain = pm.generate(tiny_run / "run", ["What is 1 plus 1?"], max_tokens=5)
+    stopped = pm.generate(tiny_run / "run", ["What is 1 plus 1?"], max_tokens=5, answer="gsm8k")
+    assert seen[0]["answer_end"] is None and seen[1]["answer_end"] is gsm8k_answer_end
+    assert stopped == plain  # the tiny model never writes '####': nothing to cut
+    with pytest.raises(ConfigError, match="'gsm9k'"):
+        pm.generate(tiny_run / "run", ["Hi"], answer="gsm9k")
 
 
 def test_chat_keeps_the_history_and_resets(tiny_run, monkeypatch):

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import shlex
+
 import click
 
 from .common import run
-
-# The closing hint's question: GSM8K-like, one step more than trivial.
-HINT_QUESTION = "Tom has 3 boxes of 12 pencils and gives away 5. How many pencils are left?"
 
 
 @click.command()
@@ -31,5 +30,9 @@ def quickstart(out, overrides):
     click.echo("One example:\n" + example_answers(ev))
     poft = result["runs"]["poft"]
     click.echo(f"\nanswers side by side: {result['eval_dir'] / 'eval.html'}   tables: {result['eval_dir'] / 'eval.md'}")
-    click.echo(f"try it:  poft-mlx generate {poft} --answer gsm8k -p '{HINT_QUESTION}'")
+    hint = result["hint"]
+    click.echo(f"try it:  poft-mlx generate {poft} --answer gsm8k -p {shlex.quote(hint['question'])}")
+    verdict = "right" if hint["correct"] else f"wrong: the answer is {hint['answer']}"
+    click.echo(f"  in this run it answered: {' '.join(hint['reply'].split()) or '(empty reply)'}  "
+               f"[{hint['given'] or 'no number'}: {verdict}]")
     click.echo(f"finished in {result['seconds'] / 60:.1f} min; everything is in {result['out']}")

@@ -33,6 +33,12 @@ NOISE = 0.3
 # time, so the run fits in minutes on a CPU; they are also the ones a few LoRA steps have a chance at.
 GSM8K = {"strip_calculator": True, "max_answer_chars": 200}
 GENERATE = {"max_tokens": 128, "batch_size": 12}
+# The closing hint: an easy GSM8K-style question, asked of the trained PoFT model at the end of the
+# run; the quickstart prints the command and what the model answered in this run, right or wrong.
+# After 16 LoRA steps the 270M base target has learnt GSM8K's format, not its arithmetic: of 10
+# one-step multiplication questions, this run's PoFT model got 2 and its SFT model 3 right on our
+# machine (README); this question is one the PoFT model answered there ("4x4 = 16. #### 16").
+HINT = {"question": "There are 4 cars with 4 wheels each. How many wheels are there?", "answer": "16"}
 
 
 def _fresh(out: Path) -> Path:
@@ -66,9 +72,24 @@ def run_quickstart(out: str | Path = "runs/quickstart", overrides: list[str] = (
     models = {"base": (cfg, None), **{name: (cfg, str(RunDir(run).adapters)) for name, run in runs.items()}}
     result = run_generation_eval(models, str(paths["test"]), out / "eval", answer="gsm8k",
                                  **(generate or GENERATE), log=say)
+    say(f"the closing hint's question, asked of the PoFT model: {HINT['question']}")
+    hint = ask(runs["poft"], HINT, max_tokens=(generate or GENERATE)["max_tokens"])
     say("done")
     return {"out": out, "runs": runs, "eval": result, "eval_dir": out / "eval", "config": cfg, "plot": plot,
-            "seconds": time.perf_counter() - t0}
+            "hint": hint, "seconds": time.perf_counter() - t0}
+
+
+def ask(run: str | Path, question: dict, *, max_tokens: int) -> dict:
+    """`question` ({"question", "answer"}) asked of a run as `poft-mlx generate RUN --answer gsm8k`
+    asks it (greedy, the run's template, the reply ends at its '#### N'), and the verdict."""
+    from ..evaluation.answers import gsm8k_answer, gsm8k_answer_end
+    from ..models.generation import generate, open_generator
+
+    gen = open_generator(str(run))
+    reply = generate(gen, [[{"role": "user", "content": question["question"]}]], max_tokens=max_tokens,
+                     answer_end=gsm8k_answer_end)[0].text
+    given = gsm8k_answer(reply)
+    return {**question, "reply": reply, "given": given, "correct": given == question["answer"]}
 
 
 def example_answers(result: dict, width: int = 400) -> str:

@@ -99,7 +99,10 @@ class Renderer:
         self.special_ids = set(getattr(self.tok, "all_special_ids", []) or [])
         added = getattr(self.tok, "added_tokens_decoder", {}) or {}
         self.special_ids |= {i for i, t in added.items() if getattr(t, "special", False)}
-        self._specials = np.array(sorted(self.special_ids), np.int64)  # for span_mask's np.isin
+        # span_mask's "is this token special": a lookup table over the ids (Gemma's tokenizer has
+        # ~6,000 special tokens, where np.isin sorting them per record cost more than tokenizing)
+        self._special_lut = np.zeros(max(self.special_ids, default=-1) + 1, dtype=bool)
+        self._special_lut[list(self.special_ids)] = True
 
     def _no_template(self) -> str:
         return (f"{self.label}: the tokenizer has no chat template; set one with chat_template "
@@ -231,7 +234,8 @@ class Renderer:
         if n == 0:
             return mask
         starts, ends = offsets[:, 0], offsets[:, 1]
-        special = np.isin(ids, self._specials)
+        lut = self._special_lut
+        special = lut[np.minimum(ids, len(lut) - 1)] & (ids < len(lut)) if len(lut) else np.zeros(n, dtype=bool)
 
         def first(cond: np.ndarray, start: int) -> int:  # first index >= start where cond holds, else n
             hit = np.flatnonzero(cond[start:])

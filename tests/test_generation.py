@@ -196,6 +196,23 @@ def test_generate_command_streams_one_prompt_and_batches_several(tiny_run):
     assert streamed.output == first + "\n"
 
 
+def test_one_prompt_with_an_answer_end_prints_the_cut_reply_not_its_tokens(tiny_run, monkeypatch):
+    """`generate --answer gsm8k` with one prompt prints the reply as cut where its answer ends, not
+    the tokens that showed the answer complete (a streamed "#### 16" printed "#### 16x")."""
+    import poft_mlx.evaluation.answers as answers
+
+    free = invoke("generate", tiny_run / "run", "-p", "Hello!", "--max-tokens", "8").output[:-1]
+    k = len(free) // 2
+    assert k >= 2, free
+
+    def answer_end(text):  # "complete" once the first k characters are there; cut one character short
+        return k - 1 if text.startswith(free[:k]) else None
+
+    monkeypatch.setattr(answers, "gsm8k_answer_end", answer_end)
+    cut = invoke("generate", tiny_run / "run", "-p", "Hello!", "--max-tokens", "8", "--answer", "gsm8k").output
+    assert cut == free[:k - 1] + "\n"
+
+
 def test_eval_generate_writes_tables_json_and_html(tiny_run, tmp_path):
     data = tmp_path / "test.jsonl"
     recs = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},

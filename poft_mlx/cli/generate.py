@@ -31,7 +31,7 @@ def _open(source, chat_template, adapter_path):
     return run(open_generator, source, chat_template=chat_template, adapter_path=adapter_path)
 
 
-@click.command(help=f"Answer each PROMPT with SOURCE: {SOURCE_HELP}. One prompt streams its reply.")
+@click.command(help=f"Answer each PROMPT with SOURCE: {SOURCE_HELP}. One prompt streams its reply (printed whole with --answer gsm8k).")
 @click.argument("source")
 @click.option("-p", "--prompt", "prompts", multiple=True, required=True,
               help="A user message (repeatable: the prompts are decoded as one batch).")
@@ -47,13 +47,18 @@ def generate(source, prompts, batch_size, answer, max_tokens, temperature, top_p
     convs = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
              for p in prompts]
     stream = None
-    if len(prompts) == 1:
+    # --answer gsm8k cuts a reply where its answer ends, which shows only a token after the answer
+    # (the character that cannot continue the number): a streamed reply would print that token.
+    if len(prompts) == 1 and answer == "none":
         stream = StreamPrinter(gen.tokenizer, lambda s: click.echo(s, nl=False))
     replies = run(gen_replies, gen, convs, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                    batch_size=batch_size, on_token=stream, answer_end=gsm8k_answer_end if answer == "gsm8k" else None)
     if stream is not None:
         stream.finish()
         click.echo("")
+        return
+    if len(prompts) == 1:
+        click.echo(replies[0].text)
         return
     for p, r in zip(prompts, replies):
         click.echo(f"### {p}\n{r.text}\n")

@@ -336,7 +336,8 @@ def test_quickstart_command_prints_a_hint_that_runs(tmp_path, tiny_models, monke
     # the quickstart asked the same question itself and printed the reply with its verdict
     said = out.splitlines()[out.splitlines().index(hint) + 1]
     assert said.startswith("  in this run it answered: ")
-    reply = invoke(*argv[1:], "--max-tokens", 6).output.strip()
+    assert argv[argv.index("--max-tokens") + 1] == "6"  # the quickstart's own reply length (GENERATE)
+    reply = invoke(*argv[1:]).output.strip()  # the command exactly as printed
     assert reply and " ".join(reply.split()) in said
     given = gsm8k_answer(reply) or "no number"
     assert said.endswith(f"[{given}: right]" if given == "16" else f"[{given}: wrong: the answer is 16]")

@@ -31,7 +31,8 @@ def quickstart(out, overrides):
     poft = result["runs"]["poft"]
     click.echo(f"\nanswers side by side: {result['eval_dir'] / 'eval.html'}   tables: {result['eval_dir'] / 'eval.md'}")
     hint = result["hint"]
-    click.echo(f"try it:  poft-mlx generate {poft} --answer gsm8k -p {shlex.quote(hint['question'])}")
+    click.echo(f"try it:  poft-mlx generate {poft} --answer gsm8k --max-tokens {hint['max_tokens']} "
+               f"-p {shlex.quote(hint['question'])}")
     verdict = "right" if hint["correct"] else f"wrong: the answer is {hint['answer']}"
     click.echo(f"  in this run it answered: {' '.join(hint['reply'].split()) or '(empty reply)'}  "
                f"[{hint['given'] or 'no number'}: {verdict}]")

@@ -89,7 +89,7 @@ def ask(run: str | Path, question: dict, *, max_tokens: int) -> dict:
     reply = generate(gen, [[{"role": "user", "content": question["question"]}]], max_tokens=max_tokens,
                      answer_end=gsm8k_answer_end)[0].text
     given = gsm8k_answer(reply)
-    return {**question, "reply": reply, "given": given, "correct": given == question["answer"]}
+    return {**question, "max_tokens": max_tokens, "reply": reply, "given": given, "correct": given == question["answer"]}
 
 
 def example_answers(result: dict, width: int = 400) -> str:

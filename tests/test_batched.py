@@ -79,6 +79,23 @@ def test_fit_many_equals_the_per_record_code_on_real_data(real_data, alias, max_
         assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.mask, b.mask)
 
 
+@pytest.mark.real
+@pytest.mark.parametrize("alias", sorted(MODELS))
+def test_the_text_by_text_path_equals_the_per_record_code(real_data, alias, monkeypatch):
+    """A tokenizer whose Rust backend cannot be called directly (truncation or padding set) is
+    called text by text through transformers, offsets read whole: the same encodings."""
+    tok = _tokenizer(alias)
+    old = render_before.Renderer(tok, chat_template=MODELS[alias])
+    new = Renderer(tok, chat_template=MODELS[alias])
+    monkeypatch.setattr(new, "_backend", lambda: None)
+    expected = [render_before.fit_length(s, old, 300, "truncate", earlier_replies=True) for s in real_data]
+    got = list(fit_many(real_data, new, 300, "truncate", earlier_replies=True, chunk=32))
+    assert len(got) == len(expected) == len(real_data)
+    for a, b in zip(expected, got):
+        _same(a, b)
+    assert {"ok", "truncated", "shortened"} <= {st for _, _, st in got}
+
+
 GEN_CHATML = (  # ChatML with transformers' generation markers around what poft-mlx supervises
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
     "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}"

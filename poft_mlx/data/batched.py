@@ -51,7 +51,7 @@ def _render(renderer: Renderer, sample: Sample):
 
 
 def _tokenize(renderer: Renderer, part: list, rendered: list) -> list:
-    """Tokens and offsets per record (None where rendering failed)."""
+    """Renderer.tokenize per record (None where rendering failed)."""
     texts = [s.text for s in part if s.text is not None]
     convs = [r[0] for r in rendered if isinstance(r, tuple)]
     text_encs = iter(renderer.tokenize(texts, add_special_tokens=True) if texts else [])
@@ -64,15 +64,14 @@ def _finish(renderer, part, rendered, tokens, max_len, policy, earlier_replies):
     for sample, r, tok in zip(part, rendered, tokens):
         if isinstance(r, Exception):
             raise r
-        ids, offsets = tok
         if sample.text is not None:
-            enc = renderer._encode_text(sample, ids.tolist())
+            enc = renderer._encode_text(sample, tok.ids.tolist())
             turns = None
         else:
             turns = r[1]
-            enc = Encoded(ids, renderer.span_mask(ids, offsets, turns, sample.meta.get("truncated", False)))
+            enc = Encoded(tok.ids, renderer.span_mask(tok, turns, sample.meta.get("truncated", False)))
         if len(enc.tokens) <= max_len:
             yield sample, enc, "ok"
         else:
             yield fit_overlong(sample, renderer, max_len, policy, earlier_replies=earlier_replies,
-                               offsets=offsets, turns=turns)
+                               tokens=tok, turns=turns)

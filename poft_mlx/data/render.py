@@ -71,6 +71,41 @@ class Encoded:
         return int(self.mask.sum())
 
 
+class Tokens:
+    """One text's token ids and their char offsets, as tokenizer(text, return_offsets_mapping=True)
+    gives them. From a Rust `tokenizers.Encoding` the offsets are read one token at a time, as
+    asked (`span`): its `offsets` getter builds a Python tuple per token, a third of tokenizing's
+    cost, where marking a span needs a few boundaries, found by bisection (`first`)."""
+
+    def __init__(self, ids: np.ndarray, offsets: np.ndarray | None = None, encoding=None):
+        self.ids = ids  # int32 [L]
+        self._offsets, self._encoding = offsets, encoding
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def span(self, i: int) -> tuple[int, int]:
+        """(start, end) chars of token i."""
+        if self._offsets is not None:
+            return int(self._offsets[i, 0]), int(self._offsets[i, 1])
+        return self._encoding.token_to_chars(i)
+
+    def first(self, side: int, char: int, lo: int = 0) -> int:
+        """The first token index >= lo whose start (side 0) is >= char, or whose end (side 1) is >
+        char; len(self) if none. Bisection: a text's offsets never decrease (a tokenizer adds no
+        special tokens of its own to a rendered conversation; tests/test_batched.py checks real
+        data token for token against a linear scan)."""
+        hi = len(self.ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            edge = self.span(mid)[side]
+            if (edge >= char) if side == 0 else (edge > char):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+
 @dataclass
 class Turn:
     """Where one supervised assistant turn's content sits in the rendered text."""
@@ -184,8 +219,8 @@ class Renderer:
         if sample.text is not None:
             return self._encode_text(sample)
         full, turns = self.render(sample)
-        ids, offsets = self.tokenize([full], add_special_tokens=False)[0]
-        return Encoded(ids, self.span_mask(ids, offsets, turns, sample.meta.get("truncated", False)))
+        tokens = self.tokenize([full], add_special_tokens=False)[0]
+        return Encoded(tokens.ids, self.span_mask(tokens, turns, sample.meta.get("truncated", False)))
 
     def render(self, sample: Sample) -> tuple[str, list[Turn]]:
         """A conversation's full rendering and its supervised turns (errors as encode raises them)."""
@@ -194,19 +229,19 @@ class Renderer:
                                 f"{len(sample.tools)}); use a model or chat_template that supports tool calling")
         return self.turns(sample.messages, sample.tools)
 
-    def tokenize(self, texts: list[str], *, add_special_tokens: bool) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(ids int32 [L], char offsets int64 [L, 2]) of each text, as tokenizer(text,
-        return_offsets_mapping=True) gives them; one encode_batch call of the Rust tokenizer (its
-        threads, without the GIL) where the tokenizer is a plain fast one, else text by text."""
+    def tokenize(self, texts: list[str], *, add_special_tokens: bool) -> list[Tokens]:
+        """Each text's tokens, as tokenizer(text, return_offsets_mapping=True) gives them; one
+        encode_batch call of the Rust tokenizer (its threads, without the GIL) where the tokenizer
+        is a plain fast one, else text by text."""
         backend = self._backend()
         if backend is not None:
             encs = backend.encode_batch(texts, add_special_tokens=add_special_tokens)
-            return [(np.asarray(e.ids, np.int32), np.asarray(e.offsets, np.int64).reshape(-1, 2)) for e in encs]
+            return [Tokens(np.asarray(e.ids, np.int32), encoding=e) for e in encs]
         out = []
         for text in texts:
             enc = self.tok(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-            out.append((np.asarray(enc["input_ids"], np.int32),
-                        np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)))
+            out.append(Tokens(np.asarray(enc["input_ids"], np.int32),
+                              np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)))
         return out
 
     def _backend(self):
@@ -225,44 +260,34 @@ class Renderer:
             return None
         return backend
 
-    def span_mask(self, ids: np.ndarray, offsets: np.ndarray, turns: list[Turn], truncated: bool) -> np.ndarray:
+    def span_mask(self, tokens: Tokens, turns: list[Turn], truncated: bool) -> np.ndarray:
         """bool [L]: each turn's content tokens (those overlapping [content_start, content_end)) and
         the first special token after them within the turn's rendering (its end-of-turn token),
         except after the last turn of a reply cut by truncation (it did not end there)."""
+        ids = tokens.ids
         n = len(ids)
         mask = np.zeros(n, dtype=bool)
         if n == 0:
             return mask
-        starts, ends = offsets[:, 0], offsets[:, 1]
         lut = self._special_lut
         special = lut[np.minimum(ids, len(lut) - 1)] & (ids < len(lut)) if len(lut) else np.zeros(n, dtype=bool)
-
-        def first(cond: np.ndarray, start: int) -> int:  # first index >= start where cond holds, else n
-            hit = np.flatnonzero(cond[start:])
-            return start + int(hit[0]) if len(hit) else n
-
         for k, turn in enumerate(turns):
-            t = first(ends > turn.content_start, 0)
-            u = first(starts >= turn.content_end, t)
+            t = tokens.first(1, turn.content_start)
+            u = tokens.first(0, turn.content_end, t)
             mask[t:u] = True
             if truncated and k == len(turns) - 1:
                 continue
-            v = first(starts >= turn.turn_end, u)
-            eot = first(special[:v], u) if u < v else n
-            if eot < v:
-                mask[eot] = True
+            v = tokens.first(0, turn.turn_end, u)
+            hit = np.flatnonzero(special[u:v])
+            if len(hit):
+                mask[u + int(hit[0])] = True
         mask[0] = False  # the first token has no context to predict it from
         return mask
 
-    def text_ids(self, text: str) -> tuple[list[int], list]:
-        """A text record's tokens (the tokenizer's BOS, if it adds one) and their char offsets."""
-        ids, offsets = self.tokenize([text], add_special_tokens=True)[0]
-        return ids.tolist(), offsets.tolist()
-
     def _encode_text(self, sample: Sample, ids: list[int] | None = None) -> Encoded:
-        """ids: the text's tokens (text_ids) when already known."""
+        """ids: the text's tokens (with the BOS the tokenizer adds, if any) when already known."""
         if ids is None:
-            ids, _ = self.text_ids(sample.text)
+            ids = self.tokenize([sample.text], add_special_tokens=True)[0].ids.tolist()
         eos = getattr(self.tok, "eos_token_id", None)
         # EOS closes a whole document (mlx-lm's text format); a cut one did not end there.
         if eos is not None and not sample.meta.get("truncated") and (not ids or ids[-1] != eos):
@@ -307,19 +332,19 @@ def fit_length(sample: Sample, renderer: Renderer, max_len: int, policy: str, *,
 
 
 def fit_overlong(sample: Sample, renderer: Renderer, max_len: int, policy: str, *, earlier_replies: bool = False,
-                 offsets=None, turns: list[Turn] | None = None) -> tuple[Sample | None, Encoded | None, str]:
-    """fit_length's answer for a sample whose encoding is longer than max_len. offsets (char
-    offsets of its tokens) and turns (a conversation's Renderer.turns): when already known."""
+                 tokens: Tokens | None = None, turns: list[Turn] | None = None) -> tuple[Sample | None, Encoded | None, str]:
+    """fit_length's answer for a sample whose encoding is longer than max_len. tokens (its
+    Renderer.tokenize) and turns (a conversation's Renderer.turns): when already known."""
     if policy == "drop":
         return None, None, "dropped"
     if sample.text is not None:
-        return _cut_text(sample, renderer, max_len, offsets)
-    if offsets is None:
+        return _cut_text(sample, renderer, max_len, tokens)
+    if tokens is None:
         full = renderer.apply(sample.messages, False, sample.tools)
-        offsets = renderer.tokenize([full], add_special_tokens=False)[0][1]
+        tokens = renderer.tokenize([full], add_special_tokens=False)[0]
 
     def cut_reply(keep: int) -> Sample | None:
-        where = renderer.char_to_turn(sample, int(offsets[keep - 1][1]), turns)
+        where = renderer.char_to_turn(sample, tokens.span(keep - 1)[1], turns)
         content = sample.messages[where[0]]["content"][:where[1]].rstrip() if where else ""
         if not content:  # the cut falls outside any reply (a long prompt), or at its very start
             return None
@@ -334,13 +359,13 @@ def fit_overlong(sample: Sample, renderer: Renderer, max_len: int, policy: str, 
     return None, None, "dropped"
 
 
-def _cut_text(sample: Sample, renderer: Renderer, max_len: int, offsets=None):
+def _cut_text(sample: Sample, renderer: Renderer, max_len: int, tokens: Tokens | None = None):
     """A text record cut at a token boundary to fit `max_len` tokens (no EOS: it did not end)."""
-    if offsets is None:
-        _, offsets = renderer.text_ids(sample.text)
+    if tokens is None:
+        tokens = renderer.tokenize([sample.text], add_special_tokens=True)[0]
 
     def cut_text(keep: int) -> Sample | None:
-        text = sample.text[:int(offsets[min(keep, len(offsets)) - 1][1])]
+        text = sample.text[:tokens.span(min(keep, len(tokens)) - 1)[1]]
         return replace(sample, text=text, meta={**sample.meta, "truncated": True}) if text.strip() else None
 
     fitted = _shrink_to_fit(cut_text, renderer, max_len)

@@ -88,7 +88,8 @@ class Tokens:
         """(start, end) chars of token i."""
         if self._offsets is not None:
             return int(self._offsets[i, 0]), int(self._offsets[i, 1])
-        return self._encoding.token_to_chars(i)
+        got = self._encoding.token_to_chars(i)  # None for a token the tokenizer added (its BOS): offsets say (0, 0)
+        return got if got is not None else (0, 0)
 
     def first(self, side: int, char: int, lo: int = 0) -> int:
         """The first token index >= lo whose start (side 0) is >= char, or whose end (side 1) is >

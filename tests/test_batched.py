@@ -13,7 +13,7 @@ import render_before
 from poft_mlx.data.batched import fit_many
 from poft_mlx.data.encoding_cache import EncodingTable
 from poft_mlx.data.records import Sample, read_jsonl
-from poft_mlx.data.render import Renderer, TemplateError
+from poft_mlx.data.render import PLACEHOLDER, Renderer, TemplateError
 from tiny import CHATML, make_tokenizer
 
 MODELS = {"smollm2-135m-instruct": None, "qwen2.5-coder-0.5b-instruct": None, "gemma-3-270m": "gemma"}
@@ -186,3 +186,41 @@ def test_encoding_table_is_the_list_it_holds(tiny_tok):
     assert np.array_equal(table[-1].tokens, encs[-1].tokens) and len(table[2:5]) == 3
     empty = EncodingTable.of([])
     assert len(empty) == 0 and empty.lengths().tolist() == [] and empty.supervised().tolist() == []
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("alias", sorted(MODELS))
+def test_one_probe_per_reply_finds_what_the_prefix_renders_find(real_data, alias):
+    """Renderer._locate (one direct render per reply) takes every real chat (so the fast path is the
+    one in use) and finds the turns that _turns_by_prefixes, through apply_chat_template, finds; its
+    direct renders are apply_chat_template's, character for character."""
+    tok = _tokenizer(alias)
+    r = Renderer(tok, chat_template=MODELS[alias])
+    assert r._direct is not None
+    template, variables = r._direct
+    chats = [s for s in real_data if s.text is None]
+    for span in ("all", "last"):
+        r.span = span
+        for s in chats:
+            full = r.apply(s.messages, False)
+            indices = [i for i, m in enumerate(s.messages) if m["role"] == "assistant"][-1 if span == "last" else 0:]
+            fast = r._locate(full, s.messages, indices, None)
+            assert fast is not None, s.source
+            assert fast == r._turns_by_prefixes(full, s.messages, indices, None), s.source
+            probe = s.messages[:indices[0]] + [{"role": "assistant", "content": PLACEHOLDER}]
+            direct = template.render(messages=probe, tools=None, documents=None, add_generation_prompt=False,
+                                     **variables)
+            assert direct == r.apply(probe, False)
+
+
+def test_a_template_that_edits_the_reply_falls_back_to_the_prefix_renders(tiny_tok):
+    """A reply the template writes neither as given nor stripped (here: its leading spaces cut, its
+    trailing ones kept): _locate declines, and the turns are the per-record code's."""
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'].lstrip() }}<|im_end|>\n"
+                "{% endfor %}")
+    s = Sample([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  Hello there!  "},
+                {"role": "user", "content": "and?"}, {"role": "assistant", "content": "Bye."}], "x")
+    new, old = Renderer(tiny_tok, chat_template=template), render_before.Renderer(tiny_tok, chat_template=template)
+    full = new.apply(s.messages, False)
+    assert new._locate(full, s.messages, [1, 3], None) is None
+    _same(render_before.fit_length(s, old, 64, "truncate"), next(fit_many([s], new, 64, "truncate")))

@@ -139,6 +139,7 @@ class Renderer:
         # ~6,000 special tokens, where np.isin sorting them per record cost more than tokenizing)
         self._special_lut = np.zeros(max(self.special_ids, default=-1) + 1, dtype=bool)
         self._special_lut[list(self.special_ids)] = True
+        self._direct = self._direct_template()
 
     def _no_template(self) -> str:
         return (f"{self.label}: the tokenizer has no chat template; set one with chat_template "
@@ -159,12 +160,73 @@ class Renderer:
             raise TemplateError(f"{self.label}: the chat template failed ({type(e).__name__}: "
                                 f"{' '.join(str(e).split())[:300]})") from None
 
+    def _direct_template(self):
+        """(transformers' compiled template, the variables apply_chat_template renders it with), or None.
+
+        apply_chat_template spends about two thirds of a render outside Jinja: it copies and
+        normalises the messages and every variable (drops None-valued keys, rebuilds them as plain
+        JSON types, aliases reasoning fields), none of which changes a record that read_jsonl has
+        checked. `_locate` renders its probes through this directly; every probe it uses is
+        checked against the full conversation as apply_chat_template rendered it, so a
+        transformers version that renders differently costs speed (the per-prefix path), never a
+        wrong span. None (that path only) where transformers lacks the pieces."""
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            template = self.tok.get_chat_template(self.template) if isinstance(self.template, str) else None
+            variables = {**self.tok.special_tokens_map, **self.kwargs}
+            return (_compile_jinja_template(template), variables) if template else None
+        except Exception:  # noqa: BLE001  (an older or newer transformers, another tokenizer class)
+            return None
+
     def turns(self, messages: list[dict], tools: list | None = None) -> tuple[str, list[Turn]]:
         """The full rendering and the supervised assistant turns in it."""
         full = self.apply(messages, False, tools)
         indices = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if self.span == "last":
             indices = indices[-1:]
+        located = self._locate(full, messages, indices, tools)
+        return full, located if located is not None else self._turns_by_prefixes(full, messages, indices, tools)
+
+    def _locate(self, full: str, messages: list[dict], indices: list[int], tools: list | None) -> list[Turn] | None:
+        """The turns from one probe rendering per reply (the conversation before it, and a placeholder
+        reply), rendered directly (`_direct_template`); None where that cannot vouch for them.
+
+        _turns_by_prefixes also renders the conversation through each reply, to learn where that
+        reply's rendering ends. Here that rendering is inferred, head + reply + tail (the probe's
+        text before and after the placeholder, the reply as given or stripped, as a template may
+        trim it), and accepted only where the full rendering starts with exactly that text: what
+        the prefix-consistency check of _turns_by_prefixes requires of the real one. Replies with
+        tool calls, and anything else, go that way instead."""
+        if self._direct is None or any(messages[i].get("tool_calls") for i in indices):
+            return None
+        template, variables = self._direct
+        turns = []
+        for i in indices:
+            try:
+                probe = template.render(messages=messages[:i] + [{"role": "assistant", "content": PLACEHOLDER}],
+                                        tools=tools, documents=None, add_generation_prompt=False, **variables)
+            except Exception:  # noqa: BLE001  (the per-prefix path raises it as apply_chat_template does)
+                return None
+            k = probe.find(PLACEHOLDER)
+            if k < 0 or probe.find(PLACEHOLDER, k + 1) >= 0 or not full.startswith(probe[:k]):
+                return None
+            tail = probe[k + len(PLACEHOLDER):]
+            content = messages[i]["content"]
+            stripped = content.strip()
+            for rendered in (content, stripped):
+                if full.startswith(rendered, k) and full.startswith(tail, k + len(rendered)):
+                    pos = k + len(rendered) - len(rendered.lstrip())
+                    turns.append(Turn(i, pos, pos + len(stripped), k + len(rendered) + len(tail)))
+                    break
+            else:
+                return None
+        return turns
+
+    def _turns_by_prefixes(self, full: str, messages: list[dict], indices: list[int],
+                           tools: list | None) -> list[Turn]:
+        """Each reply located from apply_chat_template's rendering of the conversation through it and
+        of a placeholder in its place; every template inconsistency is an error naming the message."""
         turns = []
         for i in indices:
             # The reply is located by rendering, not by searching its text: a short reply
@@ -200,7 +262,7 @@ class Renderer:
                 )
             pos = len(head) + len(rendered) - len(rendered.lstrip())
             turns.append(Turn(i, pos, pos + len(content), len(through)))
-        return full, turns
+        return turns
 
     def _call_turn(self, message: dict, i: int, rendered: str, start: int, end: int) -> Turn:
         """A turn with tool calls: `rendered` (at `start`) is the template's writing of it."""

@@ -224,3 +224,24 @@ def test_a_template_that_edits_the_reply_falls_back_to_the_prefix_renders(tiny_t
     full = new.apply(s.messages, False)
     assert new._locate(full, s.messages, [1, 3], None) is None
     _same(render_before.fit_length(s, old, 64, "truncate"), next(fit_many([s], new, 64, "truncate")))
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("alias", sorted(MODELS))
+def test_first_token_at_a_char_equals_a_linear_scan(real_data, alias):
+    """Tokens.first (char_to_token, checked by its neighbour; else bisection) against a scan of the
+    offsets as the tokenizer gives them, at every char of real renderings, from several `lo`."""
+    tok = _tokenizer(alias)
+    r = Renderer(tok, chat_template=MODELS[alias])
+    texts = [r.render(s)[0] for s in real_data if s.text is None][:6]
+    texts.append(real_data[-1].messages[-1]["content"] if real_data[-1].text is None else real_data[-1].text)
+    for text, tokens in zip(texts, r.tokenize(texts, add_special_tokens=False)):
+        assert tokens._encoding is not None  # the char_to_token path is the one under test
+        offsets = np.asarray(tokens._encoding.offsets).reshape(-1, 2)
+        n = len(tokens)
+        for lo in (0, n // 3):
+            for side in (0, 1):
+                for char in range(0, len(text) + 2, 1 if len(text) < 3000 else 3):
+                    edge = offsets[lo:, side]
+                    hit = np.flatnonzero(edge >= char if side == 0 else edge > char)
+                    assert tokens.first(side, char, lo) == (lo + int(hit[0]) if len(hit) else n), (side, char, lo)

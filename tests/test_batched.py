@@ -245,3 +245,16 @@ def test_first_token_at_a_char_equals_a_linear_scan(real_data, alias):
                     edge = offsets[lo:, side]
                     hit = np.flatnonzero(edge >= char if side == 0 else edge > char)
                     assert tokens.first(side, char, lo) == (lo + int(hit[0]) if len(hit) else n), (side, char, lo)
+
+
+def test_no_tools_reach_the_probe_as_they_reach_apply_chat_template(tiny_tok):
+    """An empty tools list is no tools for apply (None to the template): the direct probe gets the
+    same, so a template that tests `tools is none` keeps the one-probe path."""
+    template = ("{% if tools is not none %}TOOLS\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                "{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello there!"}]
+    r = Renderer(tiny_tok, chat_template=template)
+    for tools in (None, []):
+        full = r.apply(msgs, False, tools)
+        assert "TOOLS" not in full
+        assert r._locate(full, msgs, [1], tools) == r._turns_by_prefixes(full, msgs, [1], tools)

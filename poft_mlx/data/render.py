@@ -218,7 +218,8 @@ class Renderer:
         for i in indices:
             try:
                 probe = template.render(messages=messages[:i] + [{"role": "assistant", "content": PLACEHOLDER}],
-                                        tools=tools, documents=None, add_generation_prompt=False, **variables)
+                                        tools=tools or None, documents=None, add_generation_prompt=False,
+                                        **variables)  # as apply passes them
             except Exception:  # noqa: BLE001  (the per-prefix path raises it as apply_chat_template does)
                 return None
             k = probe.find(PLACEHOLDER)

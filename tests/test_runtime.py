@@ -61,3 +61,26 @@ def test_malloc_settings_can_be_left_alone(env):
 def test_openblas_thread_timeout_defaults_to_short_and_respects_the_user():
     assert probe()["timeout"] == "4"
     assert probe(OPENBLAS_THREAD_TIMEOUT="20")["timeout"] == "20"
+
+
+def test_training_wires_metals_recommended_working_set_and_gives_it_back(monkeypatch):
+    """As mlx-lm's trainer (maybe_set_recommended_wired_limit): on Metal the run wires the device's
+    recommended working set and restores the previous limit after it, an error included; on the
+    CPU (this machine) it sets nothing."""
+    import mlx.core as mx
+
+    from poft_mlx.training.loop import wired_limit
+
+    calls = []
+    monkeypatch.setattr(mx, "set_wired_limit", lambda n: calls.append(n) or 7)
+    with wired_limit():
+        pass
+    assert calls == [] if not mx.metal.is_available() else calls[-1] == 7
+    calls.clear()
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 12345})
+    with pytest.raises(RuntimeError):
+        with wired_limit():
+            assert calls == [12345]
+            raise RuntimeError("a failed step")
+    assert calls == [12345, 7]

@@ -107,6 +107,11 @@ class Tokens:
                     t += 1
                 if t >= lo and (t == lo or not self._hit(side, char, t - 1)) and (t == hi or self._hit(side, char, t)):
                     return t
+        return self._bisect(side, char, lo)
+
+    def _bisect(self, side: int, char: int, lo: int = 0) -> int:
+        """first() by bisection over span(), for any Tokens."""
+        hi = len(self.ids)
         while lo < hi:
             mid = (lo + hi) // 2
             if self._hit(side, char, mid):
@@ -181,8 +186,8 @@ class Renderer:
         JSON types, aliases reasoning fields), none of which changes a record that read_jsonl has
         checked. `_locate` renders its probes through this directly; every probe it uses is
         checked against the full conversation as apply_chat_template rendered it, so a
-        transformers version that renders differently costs speed (the per-prefix path), never a
-        wrong span. None (that path only) where transformers lacks the pieces."""
+        transformers version that renders the probe differently costs speed (the per-prefix path),
+        not a wrong span. None (that path only) where transformers lacks the pieces."""
         try:
             from transformers.utils.chat_template_utils import _compile_jinja_template
 

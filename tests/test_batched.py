@@ -68,6 +68,7 @@ def test_fit_many_equals_the_per_record_code_on_real_data(real_data, alias, max_
     assert len(got) == len(expected) == len(real_data)
     for a, b in zip(expected, got):
         _same(a, b)
+    assert new._shapes and all(new._shapes.values())  # chats of several replies took the one render
     statuses = {st for _, _, st in got}
     # every path is exercised: fits, cut (and shortened / dropped at 300 tokens)
     assert {"ok", "truncated"} <= statuses if policy == "truncate" else {"ok", "dropped"} <= statuses
@@ -190,27 +191,83 @@ def test_encoding_table_is_the_list_it_holds(tiny_tok):
 
 @pytest.mark.real
 @pytest.mark.parametrize("alias", sorted(MODELS))
-def test_one_probe_per_reply_finds_what_the_prefix_renders_find(real_data, alias):
-    """Renderer._locate (one direct render per reply) takes every real chat (so the fast path is the
-    one in use) and finds the turns that _turns_by_prefixes, through apply_chat_template, finds; its
-    direct renders are apply_chat_template's, character for character."""
+def test_the_direct_renders_find_what_the_prefix_renders_find(real_data, alias):
+    """Renderer._locate_each (one direct render per reply) and _locate_once (one for the whole chat)
+    take every real chat (so the fast paths are the ones in use) and find the turns that
+    _turns_by_prefixes, through apply_chat_template, finds; the direct renders are
+    apply_chat_template's, character for character."""
     tok = _tokenizer(alias)
     r = Renderer(tok, chat_template=MODELS[alias])
     assert r._direct is not None
     template, variables = r._direct
     chats = [s for s in real_data if s.text is None]
+    assert sum(sum(m["role"] == "assistant" for m in s.messages) >= 2 for s in chats) >= 10
     for span in ("all", "last"):
         r.span = span
         for s in chats:
             full = r.apply(s.messages, False)
             indices = [i for i, m in enumerate(s.messages) if m["role"] == "assistant"][-1 if span == "last" else 0:]
-            fast = r._locate(full, s.messages, indices, None)
-            assert fast is not None, s.source
-            assert fast == r._turns_by_prefixes(full, s.messages, indices, None), s.source
+            exact = r._turns_by_prefixes(full, s.messages, indices, None)
+            assert r._locate_each(full, s.messages, indices, None) == exact, s.source
+            assert r._locate_once(full, s.messages, indices, None) == exact, s.source
+            assert r._locate(full, s.messages, indices, None) == exact, s.source
             probe = s.messages[:indices[0]] + [{"role": "assistant", "content": PLACEHOLDER}]
             direct = template.render(messages=probe, tools=None, documents=None, add_generation_prompt=False,
                                      **variables)
             assert direct == r.apply(probe, False)
+    assert r._shapes and all(r._shapes.values())  # every shape checked, and the one render trusted
+
+
+def _pairs(i, n=2):
+    msgs = []
+    for k in range(n):
+        msgs += [{"role": "user", "content": f"question {i}.{k}"}, {"role": "assistant", "content": f"answer {i}.{k}"}]
+    return Sample(msgs, f"d.jsonl:{i + 1}")
+
+
+def test_a_closing_that_depends_on_the_reply_s_place_is_caught_by_the_shape_check(tiny_tok):
+    """A template that closes the reply at message 1 with an end-of-turn token and the others with
+    a newline only: the one render takes every reply's closing to be the last one's and would miss
+    that token, so the first chat of that shape, located both ways, marks the shape untrusted; every
+    chat of it then equals the per-record code as it was."""
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                "{% if loop.index0 == 1 %}\n<end_of_turn>{% endif %}\n{% endfor %}")
+    samples = [_pairs(i) for i in range(5)]
+    new, old = Renderer(tiny_tok, chat_template=template), render_before.Renderer(tiny_tok, chat_template=template)
+    s = samples[0]
+    full = new.apply(s.messages, False)
+    once = new._locate_once(full, s.messages, [1, 3], None)
+    assert once is not None and once != new._turns_by_prefixes(full, s.messages, [1, 3], None)
+    for a, b in zip([render_before.fit_length(x, old, 64, "truncate") for x in samples],
+                    fit_many(samples, new, 64, "truncate", chunk=2), strict=True):
+        _same(a, b)
+    end_of_turn = tiny_tok.convert_tokens_to_ids("<end_of_turn>")
+    _, enc, _ = render_before.fit_length(s, old, 64, "truncate")
+    assert enc.mask[enc.tokens == end_of_turn].all()  # the token the one render would have missed
+    assert list(new._shapes.values()) == [False]
+
+
+def test_a_template_that_renders_the_last_reply_otherwise_raises_as_before(tiny_tok):
+    """A template that writes the last reply differently (here a <think></think> before it, as
+    Qwen3's does) is not prefix-consistent: the one render alone would accept it, but the shape
+    check sends it to the per-prefix path, which raises the per-record code's error at the same
+    record; a one-reply chat is still located."""
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                "{% if loop.last and m['role'] == 'assistant' %}<think></think>{% endif %}"
+                "{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    samples = [_pairs(0, 1), _pairs(1, 3), _pairs(2, 3)]
+    new, old = Renderer(tiny_tok, chat_template=template), render_before.Renderer(tiny_tok, chat_template=template)
+    full = new.apply(samples[1].messages, False)
+    assert new._locate_once(full, samples[1].messages, [1, 3, 5], None) is not None
+    _same(render_before.fit_length(samples[0], old, 64, "truncate"), next(fit_many(samples[:1], new, 64, "truncate")))
+    with pytest.raises(TemplateError) as before:
+        render_before.fit_length(samples[1], old, 64, "truncate")
+    seen = []
+    with pytest.raises(TemplateError) as now:
+        for item in fit_many(samples, new, 64, "truncate", chunk=2):
+            seen.append(item)
+    assert str(now.value) == str(before.value) and "prefix-consistently" in str(now.value)
+    assert len(seen) == 1
 
 
 def test_a_template_that_edits_the_reply_falls_back_to_the_prefix_renders(tiny_tok):
@@ -223,6 +280,7 @@ def test_a_template_that_edits_the_reply_falls_back_to_the_prefix_renders(tiny_t
     new, old = Renderer(tiny_tok, chat_template=template), render_before.Renderer(tiny_tok, chat_template=template)
     full = new.apply(s.messages, False)
     assert new._locate(full, s.messages, [1, 3], None) is None
+    assert new._locate_once(full, s.messages, [1, 3], None) is None
     _same(render_before.fit_length(s, old, 64, "truncate"), next(fit_many([s], new, 64, "truncate")))
 
 
@@ -257,4 +315,4 @@ def test_no_tools_reach_the_probe_as_they_reach_apply_chat_template(tiny_tok):
     for tools in (None, []):
         full = r.apply(msgs, False, tools)
         assert "TOOLS" not in full
-        assert r._locate(full, msgs, [1], tools) == r._turns_by_prefixes(full, msgs, [1], tools)
+        assert r._locate_each(full, msgs, [1], tools) == r._turns_by_prefixes(full, msgs, [1], tools)

@@ -2,9 +2,14 @@
 
 The span is every assistant turn (or only the last), each turn's content plus the
 end-of-turn token that closes it (so the model learns to stop). It is found in
-characters by rendering the conversation up to each reply with a placeholder in the
-reply's place (never by searching the reply's text), then mapped to tokens through
-the tokenizer's offsets, so it is the same text span for every model and template.
+characters by rendering the conversation with a placeholder in the reply's place (never
+by searching the reply's text), then mapped to tokens through the tokenizer's offsets, so
+it is the same text span for every model and template. Exactly, a reply is where the
+conversation up to it, rendered with a placeholder, puts the placeholder, and its turn ends
+where the rendering of the conversation through it ends (`_turns_by_prefixes`: two renders
+per reply, quadratic in a chat's length). The fast paths (`Renderer._locate`) find the same
+from one render per reply, or from one render of the whole chat with every reply a
+placeholder (linear), each checked against the full rendering as described there.
 
 Tool calling: a record's `tools` go to the template (apply_chat_template(tools=...)), and an
 assistant turn with `tool_calls` is supervised whole, as the template writes it: everything
@@ -158,6 +163,8 @@ class Renderer:
         self._special_lut = np.zeros(max(self.special_ids, default=-1) + 1, dtype=bool)
         self._special_lut[list(self.special_ids)] = True
         self._direct = self._direct_template()
+        # conversation shapes (_locate) located by one render and by one probe per reply: same turns?
+        self._shapes: dict[tuple, bool] = {}
 
     def _no_template(self) -> str:
         return (f"{self.label}: the tokenizer has no chat template; set one with chat_template "
@@ -207,25 +214,53 @@ class Renderer:
         return full, located if located is not None else self._turns_by_prefixes(full, messages, indices, tools)
 
     def _locate(self, full: str, messages: list[dict], indices: list[int], tools: list | None) -> list[Turn] | None:
+        """The turns from the direct renders (`_direct_template`), or None where they cannot vouch for
+        them (the caller then takes _turns_by_prefixes, which also raises a template's errors).
+
+        A conversation of several replies is located from one render with every reply a placeholder
+        (`_locate_once`, linear in its length) where its shape (roles, which replies, tools or not)
+        has been located that way and by one probe per reply (`_locate_each`, quadratic) to the same
+        turns: the first conversation of each shape is checked so, and a shape that differs once
+        takes the per-reply path from then on."""
+        if self._direct is None or any(messages[i].get("tool_calls") for i in indices):
+            return None
+        if len(indices) < 2:
+            return self._locate_each(full, messages, indices, tools)
+        shape = (tuple(m["role"] for m in messages), tuple(indices), tools is not None and len(tools) > 0)
+        trusted = self._shapes.get(shape)
+        if trusted is False:
+            return self._locate_each(full, messages, indices, tools)
+        once = self._locate_once(full, messages, indices, tools)
+        if trusted and once is not None:
+            return once
+        each = self._locate_each(full, messages, indices, tools)
+        if once is not None:  # (a record the one render declines says nothing of its shape)
+            self._shapes[shape] = once == each
+        return each
+
+    def _probe(self, messages: list[dict], tools: list | None) -> str | None:
+        """The direct rendering of `messages` as apply passes them (None where the template raises:
+        the per-prefix path raises it as apply_chat_template does)."""
+        template, variables = self._direct
+        try:
+            return template.render(messages=messages, tools=tools or None, documents=None,
+                                   add_generation_prompt=False, **variables)
+        except Exception:  # noqa: BLE001
+            return None
+
+    def _locate_each(self, full: str, messages: list[dict], indices: list[int], tools: list | None) -> list[Turn] | None:
         """The turns from one probe rendering per reply (the conversation before it, and a placeholder
-        reply), rendered directly (`_direct_template`); None where that cannot vouch for them.
+        reply).
 
         _turns_by_prefixes also renders the conversation through each reply, to learn where that
         reply's rendering ends. Here that rendering is inferred, head + reply + tail (the probe's
         text before and after the placeholder, the reply as given or stripped, as a template may
         trim it), and accepted only where the full rendering starts with exactly that text: what
-        the prefix-consistency check of _turns_by_prefixes requires of the real one. Replies with
-        tool calls, and anything else, go that way instead."""
-        if self._direct is None or any(messages[i].get("tool_calls") for i in indices):
-            return None
-        template, variables = self._direct
+        the prefix-consistency check of _turns_by_prefixes requires of the real one."""
         turns = []
         for i in indices:
-            try:
-                probe = template.render(messages=messages[:i] + [{"role": "assistant", "content": PLACEHOLDER}],
-                                        tools=tools or None, documents=None, add_generation_prompt=False,
-                                        **variables)  # as apply passes them
-            except Exception:  # noqa: BLE001  (the per-prefix path raises it as apply_chat_template does)
+            probe = self._probe(messages[:i] + [{"role": "assistant", "content": PLACEHOLDER}], tools)
+            if probe is None:
                 return None
             k = probe.find(PLACEHOLDER)
             if k < 0 or probe.find(PLACEHOLDER, k + 1) >= 0 or not full.startswith(probe[:k]):
@@ -241,6 +276,52 @@ class Renderer:
             else:
                 return None
         return turns
+
+    def _locate_once(self, full: str, messages: list[dict], indices: list[int], tools: list | None) -> list[Turn] | None:
+        """The turns from one rendering of the conversation with each reply a placeholder of its own.
+
+        Accepted only where the full rendering is exactly that text with each placeholder replaced
+        by its reply (as given or stripped), the conversation ends with the last reply, and the text
+        after each earlier reply starts with the text the template writes after the last one (its
+        closing, `tail`): that closing is taken to be where each reply's rendering ends, i.e. a
+        reply's closing does not depend on where it stands, which _locate checks once per shape."""
+        if indices[-1] != len(messages) - 1:
+            return None
+        marks = [f"\ue000poft-mlx reply {n}\ue001" for n in range(len(indices))]
+        probe_msgs = list(messages)
+        for i, mark in zip(indices, marks):
+            probe_msgs[i] = {"role": "assistant", "content": mark}
+        probe = self._probe(probe_msgs, tools)
+        if probe is None:
+            return None
+        cuts, at = [], 0
+        for mark in marks:
+            k = probe.find(mark, at)
+            if k < 0 or probe.find(mark, k + 1) >= 0 or probe.find(mark, 0, k) >= 0:
+                return None
+            cuts.append(k)
+            at = k + len(mark)
+        segments = [probe[:cuts[0]]] + [probe[k + len(m):nxt] for k, m, nxt in zip(cuts, marks, cuts[1:] + [len(probe)])]
+        tail = segments[-1]
+        turns, pos = [], 0
+        for n, i in enumerate(indices):
+            if not full.startswith(segments[n], pos):
+                return None
+            pos += len(segments[n])
+            after = segments[n + 1]
+            if n + 1 < len(indices) and not after.startswith(tail):
+                return None
+            content = messages[i]["content"]
+            stripped = content.strip()
+            for rendered in (content, stripped):
+                if full.startswith(rendered, pos) and full.startswith(after, pos + len(rendered)):
+                    start = pos + len(rendered) - len(rendered.lstrip())
+                    turns.append(Turn(i, start, start + len(stripped), pos + len(rendered) + len(tail)))
+                    pos += len(rendered)
+                    break
+            else:
+                return None
+        return turns if pos + len(tail) == len(full) else None
 
     def _turns_by_prefixes(self, full: str, messages: list[dict], indices: list[int],
                            tools: list | None) -> list[Turn]:

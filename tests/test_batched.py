@@ -134,6 +134,20 @@ def _chat(i):
                   f"d.jsonl:{i + 1}")
 
 
+def _raises_as_before(samples, old, new, chunk):
+    """fit_length with `old` (the frozen code) over `samples` raises a TemplateError; fit_many with `new`
+    raises the same message: (that message, what fit_many yielded before it)."""
+    with pytest.raises(TemplateError) as before:
+        for s in samples:
+            render_before.fit_length(s, old, 64, "truncate")
+    seen = []
+    with pytest.raises(TemplateError) as now:
+        for item in fit_many(samples, new, 64, "truncate", chunk=chunk):
+            seen.append(item)
+    assert str(now.value) == str(before.value)
+    return str(now.value), seen
+
+
 def test_a_bad_record_raises_the_same_error_after_the_same_records(tiny_tok):
     """A template that cannot render record 5's reply: fit_many yields records 0-4 first, then
     raises fit_length's very message, though the whole chunk was rendered before tokenizing."""
@@ -141,14 +155,8 @@ def test_a_bad_record_raises_the_same_error_after_the_same_records(tiny_tok):
                 "{% if 'answer 5' in m['content'] %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}")
     samples = [_chat(i) for i in range(9)]
     new, old = Renderer(tiny_tok, chat_template=template), render_before.Renderer(tiny_tok, chat_template=template)
-    with pytest.raises(TemplateError) as before:
-        for s in samples:
-            render_before.fit_length(s, old, 64, "truncate")
-    seen = []
-    with pytest.raises(TemplateError) as now:
-        for item in fit_many(samples, new, 64, "truncate", chunk=4):
-            seen.append(item)
-    assert str(now.value) == str(before.value) and "message 1" in str(now.value)
+    message, seen = _raises_as_before(samples, old, new, chunk=4)
+    assert "message 1" in message
     assert len(seen) == 5
     for s, item in zip(samples, seen):
         _same(render_before.fit_length(s, old, 64, "truncate"), item)
@@ -260,13 +268,8 @@ def test_a_template_that_renders_the_last_reply_otherwise_raises_as_before(tiny_
     full = new.apply(samples[1].messages, False)
     assert new._locate_once(full, samples[1].messages, [1, 3, 5], None) is not None
     _same(render_before.fit_length(samples[0], old, 64, "truncate"), next(fit_many(samples[:1], new, 64, "truncate")))
-    with pytest.raises(TemplateError) as before:
-        render_before.fit_length(samples[1], old, 64, "truncate")
-    seen = []
-    with pytest.raises(TemplateError) as now:
-        for item in fit_many(samples, new, 64, "truncate", chunk=2):
-            seen.append(item)
-    assert str(now.value) == str(before.value) and "prefix-consistently" in str(now.value)
+    message, seen = _raises_as_before(samples, old, new, chunk=2)
+    assert "prefix-consistently" in message
     assert len(seen) == 1
 
 

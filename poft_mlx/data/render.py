@@ -141,6 +141,20 @@ class Turn:
     calls: bool = False  # a turn with tool_calls: its span is the template's rendering of the calls
 
 
+def _reply_at(full: str, pos: int, content: str, after: str) -> str | None:
+    """The reply as the template wrote it at `pos` of `full` with `after` next: as given, else stripped."""
+    for rendered in (content, content.strip()):
+        if full.startswith(rendered, pos) and full.startswith(after, pos + len(rendered)):
+            return rendered
+    return None
+
+
+def _turn(i: int, pos: int, rendered: str, tail: str) -> Turn:
+    """Message i's turn, its reply written as `rendered` at `pos` and closed by `tail`."""
+    start = pos + len(rendered) - len(rendered.lstrip())
+    return Turn(i, start, start + len(rendered.strip()), pos + len(rendered) + len(tail))
+
+
 class Renderer:
     """Encodes samples for one tokenizer + template; see the module docstring."""
 
@@ -266,15 +280,10 @@ class Renderer:
             if k < 0 or probe.find(PLACEHOLDER, k + 1) >= 0 or not full.startswith(probe[:k]):
                 return None
             tail = probe[k + len(PLACEHOLDER):]
-            content = messages[i]["content"]
-            stripped = content.strip()
-            for rendered in (content, stripped):
-                if full.startswith(rendered, k) and full.startswith(tail, k + len(rendered)):
-                    pos = k + len(rendered) - len(rendered.lstrip())
-                    turns.append(Turn(i, pos, pos + len(stripped), k + len(rendered) + len(tail)))
-                    break
-            else:
+            rendered = _reply_at(full, k, messages[i]["content"], tail)
+            if rendered is None:
                 return None
+            turns.append(_turn(i, k, rendered, tail))
         return turns
 
     def _locate_once(self, full: str, messages: list[dict], indices: list[int], tools: list | None) -> list[Turn] | None:
@@ -311,16 +320,11 @@ class Renderer:
             after = segments[n + 1]
             if n + 1 < len(indices) and not after.startswith(tail):
                 return None
-            content = messages[i]["content"]
-            stripped = content.strip()
-            for rendered in (content, stripped):
-                if full.startswith(rendered, pos) and full.startswith(after, pos + len(rendered)):
-                    start = pos + len(rendered) - len(rendered.lstrip())
-                    turns.append(Turn(i, start, start + len(stripped), pos + len(rendered) + len(tail)))
-                    pos += len(rendered)
-                    break
-            else:
+            rendered = _reply_at(full, pos, messages[i]["content"], after)
+            if rendered is None:
                 return None
+            turns.append(_turn(i, pos, rendered, tail))
+            pos += len(rendered)
         return turns if pos + len(tail) == len(full) else None
 
     def _turns_by_prefixes(self, full: str, messages: list[dict], indices: list[int],

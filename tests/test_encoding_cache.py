@@ -139,3 +139,22 @@ def test_a_failed_preparation_leaves_no_entry_and_no_temporary_folder(tok, tmp_p
     root = home() / "encodings"
     assert not root.exists() or list(root.iterdir()) == []
     assert batched.CHUNK < 300
+
+
+def test_one_renderer_hashes_its_tokenizer_once(tok, tmp_path, monkeypatch):
+    """A train and a valid split prepared with one Renderer (as training.run does) hash its tokenizer
+    once; another Renderer hashes again, and gets the same key (the same entry is used)."""
+    from poft_mlx.data import encoding_cache
+
+    calls = []
+    real = encoding_cache.tokenizer_identity
+    monkeypatch.setattr(encoding_cache, "tokenizer_identity", lambda t: calls.append(t) or real(t))
+    cfg = _cfg(_data(tmp_path))
+    renderer = target_renderer(tok, cfg)
+    first = prepare(cfg.data.train, renderer, cfg, log=lambda m: None)
+    second = prepare(cfg.data.train, renderer, cfg, key="data.valid", log=lambda m: None)
+    assert len(calls) == 1 and len(_entries()) == 2  # two keys (train, valid), one hash
+    again, _ = _run(tok, cfg)
+    assert len(calls) == 2 and len(_entries()) == 2  # a new Renderer hashes anew, and finds the train entry
+    _equal(first, again)
+    assert len(second.samples) == len(first.samples)

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import uuid
+import weakref
 import zlib
 from collections.abc import Sequence
 from importlib import metadata
@@ -60,6 +61,22 @@ def tokenizer_identity(tok) -> str:
     return h.hexdigest()
 
 
+# tokenizer_identity per Renderer: a Renderer reads its tokenizer once, when made (its special tokens), so a
+# train and a valid split, or each file a scoring pass prepares, hash that tokenizer once (up to 1 s for Gemma's).
+_IDENTITIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def renderer_identity(renderer) -> str:
+    """tokenizer_identity(renderer.tok), computed once per renderer."""
+    try:
+        got = _IDENTITIES.get(renderer)
+        if got is None:
+            got = _IDENTITIES[renderer] = tokenizer_identity(renderer.tok)
+        return got
+    except TypeError:  # an object that takes no weak reference: hashed every time
+        return tokenizer_identity(renderer.tok)
+
+
 def _versions() -> dict:
     out = {}
     for name in ("transformers", "tokenizers", "jinja2"):
@@ -72,7 +89,7 @@ def _versions() -> dict:
 
 def key_desc(data_fingerprint: str, renderer, *, key: str, max_len: int, policy: str, earlier_replies: bool) -> dict:
     return {"format": ENCODING_FORMAT, "data": data_fingerprint, "key": key,
-            "tokenizer": tokenizer_identity(renderer.tok),
+            "tokenizer": renderer_identity(renderer),
             "template_sha256": hashlib.sha256((renderer.template or "").encode()).hexdigest(),
             "template_kwargs": renderer.kwargs, "span": renderer.span, "max_seq_length": max_len,
             "overlength": policy, "earlier_replies": earlier_replies, "versions": _versions()}

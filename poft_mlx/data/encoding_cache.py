@@ -68,13 +68,10 @@ _IDENTITIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def renderer_identity(renderer) -> str:
     """tokenizer_identity(renderer.tok), computed once per renderer."""
-    try:
-        got = _IDENTITIES.get(renderer)
-        if got is None:
-            got = _IDENTITIES[renderer] = tokenizer_identity(renderer.tok)
-        return got
-    except TypeError:  # an object that takes no weak reference: hashed every time
-        return tokenizer_identity(renderer.tok)
+    got = _IDENTITIES.get(renderer)
+    if got is None:
+        got = _IDENTITIES[renderer] = tokenizer_identity(renderer.tok)
+    return got
 
 
 def _versions() -> dict:

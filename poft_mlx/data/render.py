@@ -23,6 +23,7 @@ tokenizer adds, and EOS appended, as mlx-lm's text format does) are all supervis
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -39,6 +40,9 @@ BUILTIN_TEMPLATES = ("gemma", "chatml", "zephyr")
 # Stands in for a reply when locating it (Renderer.turns): private-use characters, which no
 # template adds, trims or escapes.
 PLACEHOLDER = "\ue000poft-mlx reply\ue001"
+# The one render of a whole chat (Renderer._locate_once) gives reply n the placeholder MARK.format(n).
+MARK = "\ue000poft-mlx reply {}\ue001"
+_MARKS = re.compile(MARK.format(r"\d+"))
 
 
 def resolve_template(spec: str | None) -> str | None:
@@ -240,7 +244,7 @@ class Renderer:
             return None
         if len(indices) < 2:
             return self._locate_each(full, messages, indices, tools)
-        shape = (tuple(m["role"] for m in messages), tuple(indices), tools is not None and len(tools) > 0)
+        shape = (tuple(m["role"] for m in messages), tuple(indices), bool(tools))
         trusted = self._shapes.get(shape)
         if trusted is False:
             return self._locate_each(full, messages, indices, tools)
@@ -296,20 +300,17 @@ class Renderer:
         reply's closing does not depend on where it stands, which _locate checks once per shape."""
         if indices[-1] != len(messages) - 1:
             return None
-        marks = [f"\ue000poft-mlx reply {n}\ue001" for n in range(len(indices))]
+        marks = [MARK.format(n) for n in range(len(indices))]
         probe_msgs = list(messages)
         for i, mark in zip(indices, marks):
             probe_msgs[i] = {"role": "assistant", "content": mark}
         probe = self._probe(probe_msgs, tools)
         if probe is None:
             return None
-        cuts, at = [], 0
-        for mark in marks:
-            k = probe.find(mark, at)
-            if k < 0 or probe.find(mark, k + 1) >= 0 or probe.find(mark, 0, k) >= 0:
-                return None
-            cuts.append(k)
-            at = k + len(mark)
+        found = list(_MARKS.finditer(probe))  # one scan: each placeholder exactly once, in order, and no other
+        if [m.group() for m in found] != marks:
+            return None
+        cuts = [m.start() for m in found]
         segments = [probe[:cuts[0]]] + [probe[k + len(m):nxt] for k, m, nxt in zip(cuts, marks, cuts[1:] + [len(probe)])]
         tail = segments[-1]
         turns, pos = [], 0

@@ -762,6 +762,14 @@ def _exponent(sizes, values) -> float | None:
 
 
 def section_scale(args, report) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="poft-scale-"))
+    try:  # converted models, caches, runs: up to 16 GB at 100k records, never left behind
+        return _scale(args, report, work)
+    finally:
+        shutil_rm(work)
+
+
+def _scale(args, report, work: Path) -> dict:
     from mlx_lm.utils import load_tokenizer
 
     from poft_mlx.data.batched import fit_many
@@ -769,7 +777,6 @@ def section_scale(args, report) -> dict:
     from poft_mlx.scoring.cache import ScoreCache
 
     sizes = sorted(args.scale_sizes)
-    work = Path(tempfile.mkdtemp(prefix="poft-scale-"))
     recs = scale_records(max(sizes), args.scale_max_chars)
     files = {}
     for n in sizes:
@@ -839,6 +846,8 @@ def section_scale(args, report) -> dict:
                     "'n':len(c.entries)}))")
             got = _child(code, str(root))
             row.update(score_cache_load_s=got["s"], score_cache_peak_mb=got["mb"])
+            for done in (home, work / f"cold-{alias}-{n}", Path(cfg["run_dir"]), root):
+                shutil_rm(done)  # this size's caches and runs: the peak on disk is one size's, not all
             rows.append(row)
             report(f"scale {alias} {n}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items() if k != "records"))
         keys = [k for k in rows[0] if k != "records" and all(k in r for r in rows)]

@@ -6,6 +6,7 @@ section runs, that the contenders see the same batches, and that the report hold
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +25,14 @@ def test_benchmark_runs_every_section(tmp_path):
            "--vocab-batches", "1,2", "--quant-batch-size", "1", "--compile-steps", "1",
            "--gen-batch-size", "2", "--gen-batches", "1", "--gen-max-tokens", "6",
            "--scale-sizes", "20,40", "--scale-models", "smollm2-135m-instruct", "--no-scale-train"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    scratch = tmp_path / "tmp"  # the benchmark's temporary folders (the scale section's converted models, runs)
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+    # nothing of ours left behind (the scale section once leaked 0.5-16 GB a run); mlx/ is MLX's own
+    # cache of compiled CPU kernels (a few MB), kept on purpose between runs
+    assert sorted(p.name for p in scratch.iterdir()) in ([], ["mlx"])
     res = json.loads(out.read_text())
     names = {c["name"] for c in res["train"]["contenders"]}
     assert {"poft-mlx PoFT (cached r_ref)", "poft-mlx SFT", "mlx-lm lora SFT", "poft-mlx PoFT (resident r_ref)",
